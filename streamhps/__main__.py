@@ -1,0 +1,3 @@
+from streamhps.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,239 @@
+"""One typed configuration for every streamhps process.
+
+Loaded from TOML (``--config PATH`` or ``$STREAMHPS_CONFIG``)::
+
+    topic_prefix = "demo"
+    [kafka]                       # librdkafka keys, passed through as they are
+    "bootstrap.servers" = "127.0.0.1:9092"
+    [[tables]]
+    name = "user"
+    dim = 64
+    dtype = "float32"             # float32 | float16
+    partitions = 4
+    missing = "error"             # error | zeros | init:<seed>
+    [serving]
+    max_staleness_s = 1.0
+
+``$STREAMHPS_BOOTSTRAP`` overrides ``kafka."bootstrap.servers"`` (tests and compose use it).
+Unknown keys are rejected with the key's name: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamhps.errors import ConfigError
+
+DTYPES = ("float32", "float16")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,120}$")
+_MISSING_RE = re.compile(r"^(error|zeros|init:\d+)$")
+
+ENV_CONFIG = "STREAMHPS_CONFIG"
+ENV_BOOTSTRAP = "STREAMHPS_BOOTSTRAP"
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One embedding table.
+
+    ``missing`` says what a never-published key returns: ``"error"`` (raise
+    :class:`~streamhps.errors.MissingKeyError`, the default, for lookups that must be exact),
+    ``"zeros"``, or ``"init:<seed>"`` (a deterministic pseudo-random vector per key, the same in
+    every process). ``insert_on_update``: whether a worker inserts streamed rows it does not
+    hold yet into its cache (True) or only refreshes rows already resident (False).
+    """
+
+    name: str
+    dim: int
+    dtype: str = "float32"
+    partitions: int = 1
+    missing: str = "error"
+    insert_on_update: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise ConfigError(
+                f"table name {self.name!r} is not valid: use letters, digits, '_' and '-'"
+            )
+        if self.name == "dense":
+            raise ConfigError("table name 'dense' is reserved for the dense-model topic")
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or not 1 <= self.dim <= 65536:
+            raise ConfigError(f"table {self.name!r}: dim must be an integer in 1..65536, got {self.dim!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"table {self.name!r}: dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if (
+            isinstance(self.partitions, bool)
+            or not isinstance(self.partitions, int)
+            or not 1 <= self.partitions <= 10000
+        ):
+            raise ConfigError(
+                f"table {self.name!r}: partitions must be an integer in 1..10000, got {self.partitions!r}"
+            )
+        if not isinstance(self.missing, str) or not _MISSING_RE.match(self.missing):
+            raise ConfigError(
+                f"table {self.name!r}: missing must be 'error', 'zeros' or 'init:<seed>', got {self.missing!r}"
+            )
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dim * self.np_dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Inference-worker settings.
+
+    ``max_staleness_s``: past this many seconds behind the stream head, a worker reports
+    not-ready and bounded reads raise :class:`~streamhps.errors.StaleReadError`.
+    ``cache_capacity``: rows per table held by the worker's cache.
+    ``warm_from_store``: fill the cache from LMDB on start (up to capacity).
+    """
+
+    max_staleness_s: float = 1.0
+    cache_capacity: int = 1 << 20
+    warm_from_store: bool = True
+    max_lookup_keys: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_staleness_s, (int, float)) and self.max_staleness_s > 0):
+            raise ConfigError(f"serving.max_staleness_s must be > 0 seconds, got {self.max_staleness_s!r}")
+        if not (isinstance(self.cache_capacity, int) and self.cache_capacity > 0):
+            raise ConfigError(f"serving.cache_capacity must be a positive row count, got {self.cache_capacity!r}")
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    """Stream-processor settings.
+
+    ``batch_max_messages`` / ``batch_max_seconds``: how many messages (or how long) the processor
+    gathers before one LMDB write transaction; bigger batches compact more and write faster,
+    at the price of a longer window between publish and durability in LMDB.
+    ``lmdb_sync``: fsync on every commit (True, safe). False survives a process crash but can lose
+    the last transactions on an OS crash or power loss; on restart they are replayed from Kafka
+    if the broker still holds them.
+    """
+
+    batch_max_messages: int = 256
+    batch_max_seconds: float = 0.05
+    lmdb_sync: bool = True
+    map_size_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. ``kafka`` holds librdkafka dotted keys, passed through as they are."""
+
+    tables: tuple[TableSpec, ...]
+    topic_prefix: str = "streamhps"
+    kafka: dict[str, Any] = field(default_factory=lambda: {"bootstrap.servers": DEFAULT_BOOTSTRAP})
+    serving: ServingSettings = field(default_factory=ServingSettings)
+    processor: ProcessorSettings = field(default_factory=ProcessorSettings)
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.topic_prefix or ""):
+            raise ConfigError(f"topic_prefix {self.topic_prefix!r} is not a valid Kafka topic prefix")
+        names = [t.name for t in self.tables]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"table names must be unique; repeated: {dupes}")
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return str(self.kafka.get("bootstrap.servers", DEFAULT_BOOTSTRAP))
+
+    def table(self, name: str) -> TableSpec:
+        from streamhps.errors import UnknownTableError
+
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise UnknownTableError(
+            f"unknown table {name!r}; configured tables: {[t.name for t in self.tables]}"
+        )
+
+    def topic(self, table: str) -> str:
+        return table_topic(self.topic_prefix, table)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Config:
+        data = dict(data)
+        _reject_unknown(data, {"topic_prefix", "kafka", "tables", "serving", "processor"}, source)
+        raw_tables = data.get("tables", [])
+        if not isinstance(raw_tables, list) or not raw_tables:
+            raise ConfigError(f"{source}: at least one [[tables]] entry is required")
+        tables = tuple(_build(TableSpec, t, f"{source}: tables[{i}]") for i, t in enumerate(raw_tables))
+        kafka = data.get("kafka", {})
+        if not isinstance(kafka, dict):
+            raise ConfigError(f"{source}: [kafka] must be a table of librdkafka keys")
+        kafka = {"bootstrap.servers": DEFAULT_BOOTSTRAP, **kafka}
+        if os.environ.get(ENV_BOOTSTRAP):
+            kafka["bootstrap.servers"] = os.environ[ENV_BOOTSTRAP]
+        return cls(
+            tables=tables,
+            topic_prefix=data.get("topic_prefix", "streamhps"),
+            kafka=kafka,
+            serving=_build(ServingSettings, data.get("serving", {}), f"{source}: [serving]"),
+            processor=_build(ProcessorSettings, data.get("processor", {}), f"{source}: [processor]"),
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None) -> Config:
+        """Load ``path``, else ``$STREAMHPS_CONFIG``; errors name the file and the key."""
+        path = path or os.environ.get(ENV_CONFIG)
+        if not path:
+            raise ConfigError(f"no config given: pass --config PATH or set ${ENV_CONFIG}")
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {p}: {e.strerror}") from e
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p} is not valid TOML: {e}") from e
+        return cls.from_dict(data, source=str(p))
+
+
+def table_topic(prefix: str, table: str) -> str:
+    """Kafka topic of a table's updates: ``<prefix>.<table>``."""
+    return f"{prefix}.{table}"
+
+
+def dlq_topic(topic: str) -> str:
+    """Dead-letter topic of an update topic: ``<topic>.dlq``."""
+    return f"{topic}.dlq"
+
+
+def dense_topic(prefix: str) -> str:
+    """Topic of whole dense-model updates: ``<prefix>.dense``."""
+    return f"{prefix}.dense"
+
+
+def _reject_unknown(data: dict[str, Any], allowed: set[str], source: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _build(klass: Any, data: Any, source: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a table, got {type(data).__name__}")
+    _reject_unknown(data, {f.name for f in fields(klass)}, source)
+    try:
+        return klass(**data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from e
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from e
