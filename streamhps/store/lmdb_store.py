@@ -1,0 +1,574 @@
+"""The LMDB implementation of the persistent tier.
+
+Layout: one LMDB environment (a directory holding ``data.mdb`` and ``lock.mdb``) per shard
+of partitions, i.e. per processor. Named databases inside it:
+
+* ``rows:<table>``: key = 8 bytes big-endian of ``uint64(key) ^ 1<<63`` (so rows sort by
+  the signed key), value = version (int64 little-endian) then the vector bytes
+  (little-endian ``dtype``, ``dim`` elements).
+* ``offsets``: ``topic \\0 partition(u32 BE)`` -> next offset to consume (int64 LE).
+* ``applied``: ``table \\0 partition(u32 BE)`` -> applied version (int64 LE).
+* ``meta``: ``format``, ``tables`` (JSON: specs and held partitions), ``stats`` (JSON:
+  compaction counters).
+
+Durability knobs (:meth:`LmdbStore.open`), safe by default:
+
+* ``sync=True``: fsync on every commit. ``False`` keeps the database consistent after a
+  *process* crash, but an OS crash or power loss may undo the last transactions (and with
+  ``writemap=True`` may corrupt the file). Undone transactions are replayed from Kafka only
+  if the broker still holds them.
+* ``metasync=True``: flush the meta page on every commit. ``False`` saves one fsync per commit;
+  an OS crash may undo the last committed transaction, never corrupt the database.
+* ``writemap=False``: ``True`` writes through a writable mmap (fewer copies), so a stray
+  pointer write in this process could corrupt the file, and with ``sync=False`` there is no
+  hint when data reaches disk. Readers must not mix writemap settings.
+* ``map_async=False``: with ``writemap=True``, flush asynchronously (``MS_ASYNC``); an OS
+  crash can then corrupt the database or lose the last transactions.
+
+Files are created ``0600`` in a ``0700`` directory (embeddings are model data). A full map
+grows (doubling) and the whole transaction is retried: no batch is lost. Stale reader slots
+left by crashed processes are cleared on every open.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict
+from itertools import islice
+from operator import itemgetter
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import numpy as np
+
+from streamhps.config import TableSpec
+from streamhps.errors import ConfigError, StoreError, UnknownTableError
+from streamhps.store.base import StoreWriter, TableWriteResult, WriteBatch
+
+log = logging.getLogger(__name__)
+
+FORMAT = b"1"
+DEFAULT_MAP_SIZE = 1 << 30
+_SIGN = np.uint64(1 << 63)
+_META, _OFFSETS, _APPLIED = b"meta", b"offsets", b"applied"
+_STAT_FIELDS = (
+    "rows_in",
+    "rows_written",
+    "rows_duplicate",
+    "rows_stale",
+    "messages",
+    "dlq",
+    "batches",
+)
+_first = itemgetter(0)
+_second = itemgetter(1)
+
+
+def encode_keys(keys: np.ndarray) -> list[bytes]:
+    """int64 keys -> LMDB keys (8 bytes each) that sort like the signed keys."""
+    u = np.ascontiguousarray(keys, dtype=np.int64).view(np.uint64) ^ _SIGN
+    keys_out: list[bytes] = u.astype(">u8").view("V8").tolist()
+    return keys_out
+
+
+def decode_keys(raw: bytes) -> np.ndarray:
+    return (np.frombuffer(raw, dtype=">u8").astype(np.uint64) ^ _SIGN).view(np.int64)
+
+
+def _pk(name: str, partition: int) -> bytes:
+    return name.encode() + b"\0" + struct.pack(">I", partition)
+
+
+def _unpk(raw: bytes | memoryview) -> tuple[str, int]:
+    raw = bytes(raw)
+    return raw[:-5].decode(), struct.unpack(">I", raw[-4:])[0]
+
+
+def _i64(v: int) -> bytes:
+    return struct.pack("<q", v)
+
+
+def _row_dtype(spec: TableSpec) -> np.dtype:
+    return np.dtype([("version", "<i8"), ("vector", spec.np_dtype.newbyteorder("<"), (spec.dim,))])
+
+
+# LMDB allows one environment handle per file per process: stores opened twice share it.
+_ENVS: dict[str, list[Any]] = {}  # realpath -> [env, refcount, readonly]
+_ENVS_LOCK = threading.Lock()
+
+
+def _acquire_env(p: Path, readonly: bool, **opts: Any) -> lmdb.Environment:
+    key = os.path.realpath(p)
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is not None:
+            if entry[2] and not readonly:
+                raise StoreError(
+                    f"{p} is already open read-only in this process; close it before opening it writable"
+                )
+            entry[1] += 1
+            return entry[0]
+        try:
+            env = lmdb.open(
+                str(p), readonly=readonly, max_dbs=4096, lock=True, mode=0o700, readahead=False,
+                create=not readonly, **opts,
+            )  # fmt: skip
+        except lmdb.Error as e:
+            raise StoreError(f"cannot open LMDB store at {p}: {e}") from e
+        cleared = env.reader_check()
+        if cleared:
+            log.warning("cleared %d stale LMDB reader slot(s) of dead processes in %s", cleared, p)
+        _ENVS[key] = [env, 1, readonly]
+        return env
+
+
+def _release_env(p: Path) -> None:
+    key = os.path.realpath(p)
+    with _ENVS_LOCK:
+        entry = _ENVS.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _ENVS[key]
+            entry[0].close()
+
+
+class LmdbStore(StoreWriter):
+    """One LMDB environment of the persistent tier. Open with :meth:`open`."""
+
+    def __init__(self, env: lmdb.Environment, path: Path, readonly: bool) -> None:
+        self._env = env
+        self.path = path
+        self.readonly = readonly
+        self._dbs: dict[bytes, Any] = {}
+        self._specs: dict[str, TableSpec] | None = None
+        self._held: dict[str, list[int]] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------------ open / close
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        readonly: bool = True,
+        *,
+        map_size: int = DEFAULT_MAP_SIZE,
+        sync: bool = True,
+        metasync: bool = True,
+        writemap: bool = False,
+        map_async: bool = False,
+        max_readers: int = 256,
+    ) -> LmdbStore:
+        """Open the store at directory ``path`` (created ``0700`` when writable).
+
+        ``readonly=True`` opens beside a running writer in another process (LMDB's shared
+        reader table). The durability knobs are described in this module's docstring; the
+        defaults are the safe ones. ``map_size`` is a starting size: it grows on demand.
+        """
+        p = Path(path)
+        if readonly:
+            if not (p / "data.mdb").exists():
+                raise StoreError(
+                    f"no LMDB store at {p} (no data.mdb); has the processor run with --store {p}?"
+                )
+        else:
+            p.mkdir(mode=0o700, parents=True, exist_ok=True)
+        env = _acquire_env(
+            p, readonly, map_size=map_size, sync=sync, metasync=metasync, writemap=writemap,
+            map_async=map_async, max_readers=max_readers,
+        )  # fmt: skip
+        store = cls(env, p, readonly)
+        if not readonly:
+            with env.begin(write=True) as txn:
+                for name in (_META, _OFFSETS, _APPLIED):
+                    store._dbs[name] = env.open_db(name, txn=txn)
+                fmt = txn.get(b"format", db=store._dbs[_META])
+                if fmt is None:
+                    txn.put(b"format", FORMAT, db=store._dbs[_META])
+                elif fmt != FORMAT:
+                    raise StoreError(f"{p} has store format {fmt!r}; this build writes {FORMAT!r}")
+        return store
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _release_env(self.path)
+
+    def __enter__(self) -> LmdbStore:
+        return self
+
+    # ------------------------------------------------------------------ internals
+
+    def _begin(self, write: bool = False) -> lmdb.Transaction:
+        if self._closed:
+            raise StoreError(f"store {self.path} is closed")
+        for _ in range(3):
+            try:
+                return self._env.begin(write=write, buffers=not write)  # type: ignore[call-overload]
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)  # the writer grew the map: adopt its size
+        raise StoreError(f"cannot begin a transaction on {self.path}: map keeps resizing")
+
+    def _db(self, name: bytes, txn: lmdb.Transaction) -> Any:
+        db = self._dbs.get(name)
+        if db is None:
+            try:
+                db = self._env.open_db(name, txn=txn, create=not self.readonly)
+            except lmdb.NotFoundError:
+                return None
+            self._dbs[name] = db
+        return db
+
+    def _load_meta(self, txn: lmdb.Transaction) -> dict[str, TableSpec]:
+        meta = self._db(_META, txn)
+        raw = txn.get(b"tables", db=meta) if meta is not None else None
+        specs: dict[str, TableSpec] = {}
+        held: dict[str, list[int]] = {}
+        for name, d in (json.loads(bytes(raw)) if raw else {}).items():
+            held[name] = list(d.pop("held"))
+            specs[name] = TableSpec(**d)
+        self._specs, self._held = specs, held
+        return specs
+
+    def _spec(self, table: str, txn: lmdb.Transaction) -> TableSpec:
+        specs = self._specs if self._specs and table in self._specs else self._load_meta(txn)
+        try:
+            return specs[table]
+        except KeyError:
+            raise UnknownTableError(
+                f"table {table!r} is not in store {self.path}; it holds {sorted(specs)}"
+            ) from None
+
+    def _read_stats(self, txn: lmdb.Transaction) -> dict[str, Any]:
+        meta = self._db(_META, txn)
+        raw = txn.get(b"stats", db=meta) if meta is not None else None
+        return json.loads(bytes(raw)) if raw else {"tables": {}}
+
+    # ------------------------------------------------------------------ reader API
+
+    def tables(self) -> dict[str, TableSpec]:
+        with self._begin() as txn:
+            return dict(self._load_meta(txn))
+
+    def held_partitions(self, table: str) -> list[int]:
+        """Partitions of ``table`` this store (its processor shard) holds."""
+        with self._begin() as txn:
+            self._spec(table, txn)
+            return list(self._held[table])
+
+    def get(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        keys = np.asarray(keys)
+        if keys.ndim != 1 or (keys.size and keys.dtype.kind not in "iu"):
+            raise StoreError(
+                f"keys must be a 1-D integer array, got shape {keys.shape} dtype {keys.dtype}"
+            )
+        keys = keys.astype(np.int64, copy=False) if keys.dtype != np.uint64 else keys.view(np.int64)
+        with self._begin() as txn:
+            spec = self._spec(table, txn)
+            n = keys.shape[0]
+            values = np.zeros((n, spec.dim), dtype=spec.np_dtype)
+            versions = np.zeros(n, dtype=np.int64)
+            found = np.zeros(n, dtype=bool)
+            if n == 0:
+                return values, versions, found
+            uniq, inverse = np.unique(keys, return_inverse=True)
+            u_found, u_versions, u_vectors = self._read_rows(txn, spec, uniq)
+        hit = u_found[inverse]
+        found[:] = hit
+        pos = np.cumsum(u_found) - 1  # index of each found unique key among the returned rows
+        src = pos[inverse[hit]]
+        versions[hit] = u_versions[src]
+        values[hit] = u_vectors[src]
+        return values, versions, found
+
+    def _read_rows(
+        self, txn: lmdb.Transaction, spec: TableSpec, sorted_keys: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Batched read of sorted unique keys: ``(found mask, versions, vectors)`` of the found rows."""
+        db = self._db(f"rows:{spec.name}".encode(), txn)
+        rdt = _row_dtype(spec)
+        if db is None:
+            return (
+                np.zeros(sorted_keys.shape[0], bool),
+                np.zeros(0, np.int64),
+                np.zeros((0, spec.dim), rdt["vector"].base),
+            )
+        hits = txn.cursor(db).getmulti(encode_keys(sorted_keys))
+        if not hits:
+            return (
+                np.zeros(sorted_keys.shape[0], bool),
+                np.zeros(0, np.int64),
+                np.zeros((0, spec.dim), rdt["vector"].base),
+            )
+        got = decode_keys(b"".join(map(_first, hits)))
+        raw = b"".join(map(_second, hits))
+        if len(raw) != len(hits) * rdt.itemsize:
+            raise StoreError(
+                f"rows of table {spec.name!r} in {self.path} are not {rdt.itemsize} bytes each; "
+                "the store was written with another dim/dtype"
+            )
+        rows = np.frombuffer(raw, dtype=rdt)
+        found = np.isin(sorted_keys, got, assume_unique=True)
+        return found, rows["version"].astype(np.int64), rows["vector"]
+
+    def applied_version(self, table: str) -> int | None:
+        with self._begin() as txn:
+            self._spec(table, txn)
+            held = self._held[table]
+            applied = self._partition_applied(txn, table)
+        if not held or any(p not in applied for p in held):
+            return None
+        return min(applied[p] for p in held)
+
+    def partition_applied_versions(self, table: str) -> dict[int, int]:
+        with self._begin() as txn:
+            self._spec(table, txn)
+            return self._partition_applied(txn, table)
+
+    def _partition_applied(self, txn: lmdb.Transaction, table: str) -> dict[int, int]:
+        db = self._db(_APPLIED, txn)
+        if db is None:
+            return {}
+        prefix = table.encode() + b"\0"
+        out: dict[int, int] = {}
+        cur = txn.cursor(db)
+        if cur.set_range(prefix):
+            for k, v in cur:
+                kb = bytes(k)
+                if not kb.startswith(prefix):
+                    break
+                if len(kb) == len(prefix) + 4:
+                    out[_unpk(kb)[1]] = struct.unpack("<q", v)[0]
+        return out
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        with self._begin() as txn:
+            return self._offsets(txn)
+
+    def _offsets(self, txn: lmdb.Transaction) -> dict[tuple[str, int], int]:
+        db = self._db(_OFFSETS, txn)
+        if db is None:
+            return {}
+        return {_unpk(k): struct.unpack("<q", v)[0] for k, v in txn.cursor(db)}
+
+    def iter_rows(
+        self, table: str, batch_rows: int = 65536
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        with self._begin() as txn:
+            spec = self._spec(table, txn)
+            rdt = _row_dtype(spec)
+            db = self._db(f"rows:{table}".encode(), txn)
+            if db is None:
+                return
+            it = iter(txn.cursor(db))
+            while True:
+                chunk = list(islice(it, batch_rows))
+                if not chunk:
+                    return
+                rows = np.frombuffer(b"".join(map(_second, chunk)), dtype=rdt)
+                yield (
+                    decode_keys(b"".join(map(_first, chunk))),
+                    np.ascontiguousarray(rows["vector"]).astype(spec.np_dtype, copy=False),
+                    rows["version"].astype(np.int64),
+                )
+
+    def row_count(self, table: str) -> int:
+        with self._begin() as txn:
+            self._spec(table, txn)
+            db = self._db(f"rows:{table}".encode(), txn)
+            return int(txn.stat(db)["entries"]) if db is not None else 0
+
+    def stats(self) -> dict[str, Any]:
+        with self._begin() as txn:
+            specs = self._load_meta(txn)
+            counters = self._read_stats(txn)
+            tables: dict[str, Any] = {}
+            for name, spec in specs.items():
+                db = self._db(f"rows:{name}".encode(), txn)
+                c = counters.get("tables", {}).get(name, {})
+                rows_in = int(c.get("rows_in", 0))
+                applied = self._partition_applied(txn, name)
+                held = self._held[name]
+                tables[name] = {
+                    "dim": spec.dim,
+                    "dtype": spec.dtype,
+                    "partitions": spec.partitions,
+                    "held_partitions": held,
+                    "rows": int(txn.stat(db)["entries"]) if db is not None else 0,
+                    "applied_version": (
+                        min(applied[p] for p in held)
+                        if held and all(p in applied for p in held)
+                        else None
+                    ),
+                    "partition_applied_versions": {str(p): v for p, v in sorted(applied.items())},
+                    "compaction": {
+                        **{f: int(c.get(f, 0)) for f in _STAT_FIELDS if f != "batches"},
+                        "compaction_ratio": (rows_in / c["rows_written"])
+                        if c.get("rows_written")
+                        else None,
+                    },
+                }
+            offsets = self._offsets(txn)
+        info = self._env.info()
+        data = self.path / "data.mdb"
+        st = data.stat()
+        return {
+            "path": str(self.path),
+            "file_bytes": st.st_size,
+            "disk_bytes": st.st_blocks * 512,
+            "map_size": info["map_size"],
+            "used_bytes": (info["last_pgno"] + 1) * self._env.stat()["psize"],
+            "readers": info["num_readers"],
+            "batches": int(counters.get("batches", 0)),
+            "last_commit_unix": counters.get("last_commit_unix"),
+            "tables": tables,
+            "offsets": {f"{t}[{p}]": o for (t, p), o in sorted(offsets.items())},
+        }
+
+    # ------------------------------------------------------------------ writer API
+
+    def _writable(self) -> None:
+        if self.readonly:
+            raise StoreError(f"store {self.path} was opened read-only")
+
+    def ensure_tables(
+        self, specs: Mapping[str, TableSpec], held: Mapping[str, list[int]] | None = None
+    ) -> None:
+        self._writable()
+        with self._begin(write=True) as txn:
+            stored = dict(self._load_meta(txn))
+            held_all = dict(self._held)
+            for name, spec in specs.items():
+                old = stored.get(name)
+                if old is not None and (old.dim, old.dtype, old.partitions) != (
+                    spec.dim,
+                    spec.dtype,
+                    spec.partitions,
+                ):
+                    raise ConfigError(
+                        f"table {name!r}: the config says dim={spec.dim} dtype={spec.dtype} "
+                        f"partitions={spec.partitions} but store {self.path} holds dim={old.dim} "
+                        f"dtype={old.dtype} partitions={old.partitions}; use a new --store directory"
+                    )
+                stored[name] = spec
+                want = sorted(held[name]) if held and name in held else list(range(spec.partitions))
+                held_all[name] = sorted(set(held_all.get(name, [])) | set(want))
+                self._db(f"rows:{name}".encode(), txn)
+            doc = {n: {**asdict(s), "held": held_all[n]} for n, s in stored.items()}
+            txn.put(b"tables", json.dumps(doc, sort_keys=True).encode(), db=self._db(_META, txn))
+        self._specs, self._held = stored, held_all
+
+    def write_batch(self, batch: WriteBatch) -> dict[str, TableWriteResult]:
+        """Compact ``batch`` and apply it in one write transaction.
+
+        Per key the highest version wins; a row not newer than the stored one is dropped.
+        A full map is grown and the transaction retried from scratch.
+        """
+        self._writable()
+        prepared = {t: _compact_batch(r) for t, r in batch.rows.items() if r.keys}
+        while True:
+            try:
+                return self._write_txn(batch, prepared)
+            except lmdb.MapFullError:
+                old = self._env.info()["map_size"]
+                new = old * 2
+                self._env.set_mapsize(new)
+                log.warning(
+                    "LMDB map of %s is full at %d bytes; grew it to %d and retried the batch",
+                    self.path,
+                    old,
+                    new,
+                )
+
+    def _write_txn(
+        self, batch: WriteBatch, prepared: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]
+    ) -> dict[str, TableWriteResult]:
+        results: dict[str, TableWriteResult] = {}
+        with self._begin(write=True) as txn:
+            for table, (keys, vectors, versions, rows_in) in prepared.items():
+                spec = self._spec(table, txn)
+                res = TableWriteResult(rows_in=rows_in, rows_duplicate=rows_in - keys.shape[0])
+                db = self._db(f"rows:{table}".encode(), txn)
+                enc = encode_keys(keys)
+                hits = txn.cursor(db).getmulti(enc)
+                keep = np.ones(keys.shape[0], dtype=bool)
+                if hits:
+                    got = decode_keys(b"".join(map(_first, hits)))
+                    stored_v = np.frombuffer(b"".join(map(_second, hits)), dtype=_row_dtype(spec))[
+                        "version"
+                    ]
+                    idx = np.searchsorted(keys, got)
+                    keep[idx[stored_v >= versions[idx]]] = False
+                rdt = _row_dtype(spec)
+                n_keep = int(keep.sum())
+                rows = np.empty(n_keep, dtype=rdt)
+                rows["version"] = versions[keep]
+                rows["vector"] = vectors[keep]
+                enc_keep = enc if n_keep == len(enc) else encode_keys(keys[keep])
+                if n_keep:
+                    txn.cursor(db).putmulti(
+                        zip(enc_keep, rows.view(f"V{rdt.itemsize}").tolist(), strict=True)
+                    )
+                res.rows_written = n_keep
+                res.rows_stale = keys.shape[0] - n_keep
+                results[table] = res
+            offsets_db, applied_db = self._db(_OFFSETS, txn), self._db(_APPLIED, txn)
+            for (topic, p), off in batch.offsets.items():
+                txn.put(_pk(topic, p), _i64(off), db=offsets_db)
+            for (table, p), v in batch.applied.items():
+                old = txn.get(_pk(table, p), db=applied_db)
+                if old is None or struct.unpack("<q", old)[0] < v:
+                    txn.put(_pk(table, p), _i64(v), db=applied_db)
+            stats = self._read_stats(txn)
+            for table in set(results) | set(batch.messages) | set(batch.dlq):
+                c = stats["tables"].setdefault(table, {})
+                r = results.get(table, TableWriteResult())
+                for f in ("rows_in", "rows_written", "rows_duplicate", "rows_stale"):
+                    c[f] = c.get(f, 0) + getattr(r, f)
+                c["messages"] = c.get("messages", 0) + batch.messages.get(table, 0)
+                c["dlq"] = c.get("dlq", 0) + batch.dlq.get(table, 0)
+            stats["batches"] = stats.get("batches", 0) + 1
+            stats["last_commit_unix"] = time.time()
+            txn.put(b"stats", json.dumps(stats).encode(), db=self._db(_META, txn))
+        return results
+
+    def snapshot(self, out: str | os.PathLike[str]) -> Path:
+        """Write a consistent, compacted copy (rows, offsets, markers, stats) to the empty directory ``out``."""
+        o = Path(out)
+        o.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if any(o.iterdir()):
+            raise StoreError(f"snapshot target {o} is not empty")
+        try:
+            self._env.copy(str(o), compact=True)
+        except lmdb.Error as e:
+            raise StoreError(f"snapshot of {self.path} to {o} failed: {e}") from e
+        os.chmod(o / "data.mdb", 0o600)
+        return o
+
+
+def _compact_batch(rows: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Concatenate a table's chunks and keep, per key, the row with the highest version.
+
+    Returns sorted unique keys, their vectors and versions, and the number of rows in.
+    """
+    keys = np.concatenate(rows.keys) if len(rows.keys) > 1 else np.asarray(rows.keys[0])
+    versions = (
+        np.concatenate(rows.versions) if len(rows.versions) > 1 else np.asarray(rows.versions[0])
+    )
+    vectors = np.concatenate(rows.vectors) if len(rows.vectors) > 1 else np.asarray(rows.vectors[0])
+    n = keys.shape[0]
+    order = np.lexsort((-versions, keys))
+    k = keys[order]
+    first = np.ones(n, dtype=bool)
+    first[1:] = k[1:] != k[:-1]
+    pick = order[first]
+    return keys[pick], vectors[pick], versions[pick].astype(np.int64), n
