@@ -327,12 +327,18 @@ def _encode(
             b"\x01" if has_row_versions else b"\x00",
         ]
     )
-    views = [memoryview(p).cast("B") for p in payload_parts]
+    views = [_byte_view(p) for p in payload_parts]
     payload_len = sum(v.nbytes for v in views)
     len_prefix = _zz(payload_len)
     # 1 byte of padding length (0..7 zig-zags to 0..14) then the padding itself.
     pad = (-(len(head) + 1 + len(len_prefix))) % 8
     return b"".join([head, _zz(pad), bytes(pad), len_prefix, *views])
+
+
+def _byte_view(part: Any) -> memoryview:
+    if isinstance(part, np.ndarray):
+        return memoryview(part.reshape(-1).view(np.uint8))
+    return memoryview(part).cast("B")
 
 
 # ---------------------------------------------------------------- decode
@@ -461,7 +467,7 @@ def safetensors_dumps(tensors: dict[str, Any]) -> bytes:
         offset += a.nbytes
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * ((-len(hb)) % 8)
-    return b"".join([struct.pack("<Q", len(hb)), hb, *(memoryview(a).cast("B") for a in arrays.values())])
+    return b"".join([struct.pack("<Q", len(hb)), hb, *(_byte_view(a) for a in arrays.values())])
 
 
 def safetensors_loads(buf: memoryview | bytes) -> dict[str, np.ndarray]:
