@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -156,7 +155,11 @@ class Publisher:
             rv = rv.astype(np.int64, copy=False)
             if rv.size and (rv.min() <= 0 or rv.max() > version):
                 raise VersionError("row_versions must be in 1..version")
-            if rv.size and self.stats.committed_version is not None and rv.min() <= self.stats.committed_version:
+            if (
+                rv.size
+                and self.stats.committed_version is not None
+                and rv.min() <= self.stats.committed_version
+            ):
                 raise VersionError(
                     f"row_versions go down to {rv.min()}, at or below the committed version "
                     f"{self.stats.committed_version}"
@@ -203,7 +206,9 @@ class Publisher:
         self._max_published_version = max(self._max_published_version, version)
         return sent
 
-    def commit(self, version: int, *, tables: Iterable[str] | None = None, timeout: float | None = None) -> None:
+    def commit(
+        self, version: int, *, tables: Iterable[str] | None = None, timeout: float | None = None
+    ) -> None:
         """Mark ``version`` complete: a marker on every partition of each table, then :meth:`flush`.
 
         Returns only once every row published so far and every marker was acknowledged;
@@ -238,8 +243,12 @@ class Publisher:
         for name, t in state.items():
             a = t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
             if a.dtype.kind == "f" and not np.isfinite(a).all():
-                raise ValidationError(f"dense tensor {name!r} contains NaN or Inf; nothing was sent")
-        payload = wire.encode_dense(dict(state), int(version), run_id=self.run_id, producer_seq=self._next_seq())
+                raise ValidationError(
+                    f"dense tensor {name!r} contains NaN or Inf; nothing was sent"
+                )
+        payload = wire.encode_dense(
+            dict(state), int(version), run_id=self.run_id, producer_seq=self._next_seq()
+        )
         if len(payload) > self.kafka_config.get("message.max.bytes", 1 << 20):
             raise ValidationError(
                 f"dense model is {len(payload)} bytes, over message.max.bytes "
@@ -318,7 +327,9 @@ class Publisher:
             raise PublishError("publisher is closed")
         while True:
             try:
-                self._producer.produce(topic, payload, partition=partition, on_delivery=self._on_delivery)
+                self._producer.produce(
+                    topic, payload, partition=partition, on_delivery=self._on_delivery
+                )
                 break
             except BufferError:
                 self._producer.poll(0.05)  # local queue full: let deliveries drain

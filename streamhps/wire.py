@@ -42,7 +42,10 @@ SCHEMA: dict[str, Any] = {
         {"name": "kind", "type": {"type": "enum", "name": "Kind", "symbols": list(KINDS)}},
         {"name": "table", "type": "string"},
         {"name": "partition", "type": "int"},
-        {"name": "dtype", "type": {"type": "enum", "name": "DType", "symbols": ["FLOAT32", "FLOAT16"]}},
+        {
+            "name": "dtype",
+            "type": {"type": "enum", "name": "DType", "symbols": ["FLOAT32", "FLOAT16"]},
+        },
         {"name": "dim", "type": "int"},
         {"name": "row_count", "type": "long"},
         {"name": "version", "type": "long"},
@@ -337,7 +340,7 @@ def _encode(
 
 def _byte_view(part: Any) -> memoryview:
     if isinstance(part, np.ndarray):
-        return memoryview(part.reshape(-1).view(np.uint8))
+        return memoryview(part.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
     return memoryview(part).cast("B")
 
 

@@ -56,7 +56,10 @@ def test_env_config_and_bootstrap_override(tmp_path: Path, monkeypatch: pytest.M
         (EXAMPLE.replace('dtype = "float32"', 'dtype = "float64"'), "dtype must be one of"),
         (EXAMPLE.replace("dim = 64", "dim = 0"), "dim must be an integer"),
         (EXAMPLE.replace("dim = 64", 'dim = "64"'), "dim must be an integer"),
-        (EXAMPLE.replace("partitions = 4", "partitons = 4"), "tables[0]: unknown key(s) ['partitons']"),
+        (
+            EXAMPLE.replace("partitions = 4", "partitons = 4"),
+            "tables[0]: unknown key(s) ['partitons']",
+        ),
         (EXAMPLE.replace("max_staleness_s = 1.0", "max_staleness_s = -1"), "max_staleness_s"),
         (EXAMPLE.replace("max_staleness_s", "max_stale"), "[serving]: unknown key(s)"),
         (EXAMPLE.replace('name = "item"', 'name = "user"'), "unique"),

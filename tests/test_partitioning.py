@@ -12,7 +12,9 @@ DOC = Path(__file__).resolve().parents[1] / "schemas" / "PARTITIONING.md"
 
 
 def _vectors() -> list[tuple[int, int, int, int, int]]:
-    rows = re.findall(r"^\| (-?\d+) \| 0x([0-9a-f]{16}) \| (\d+) \| (\d+) \| (\d+) \|$", DOC.read_text(), re.M)
+    rows = re.findall(
+        r"^\| (-?\d+) \| 0x([0-9a-f]{16}) \| (\d+) \| (\d+) \| (\d+) \|$", DOC.read_text(), re.M
+    )
     assert len(rows) >= 8, "test vectors missing from schemas/PARTITIONING.md"
     return [(int(k), int(h, 16), int(a), int(b), int(c)) for k, h, a, b, c in rows]
 
@@ -26,7 +28,9 @@ def test_documented_vectors(key: int, hashed: int, p4: int, p16: int, p1000: int
 
 def test_uint64_and_int64_keys_with_same_bits_agree() -> None:
     u = np.array([2**64 - 1, 2**63], dtype=np.uint64)
-    assert np.array_equal(partition_of(u.view(np.int64), 7), partition_of(np.array([-1, -(2**63)]), 7))
+    assert np.array_equal(
+        partition_of(u.view(np.int64), 7), partition_of(np.array([-1, -(2**63)]), 7)
+    )
 
 
 def test_sequential_ids_spread_evenly() -> None:

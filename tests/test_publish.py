@@ -10,8 +10,8 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from streamhps import (
-    PublishError,
     Publisher,
+    PublishError,
     TableSpec,
     TopicError,
     UnknownTableError,
@@ -26,7 +26,9 @@ USER = TableSpec("user", dim=64, dtype="float32", partitions=4)
 ITEM = TableSpec("item", dim=16, dtype="float16", partitions=3)
 
 
-def consume_all(bootstrap: str, topic: str, partitions: int, *, markers: int, timeout: float = 30.0) -> list:
+def consume_all(
+    bootstrap: str, topic: str, partitions: int, *, markers: int, timeout: float = 30.0
+) -> list:
     """Raw confluent-kafka consumer: every message of the topic, until `markers` markers arrived."""
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"raw-{uuid.uuid4().hex}",
                   "enable.auto.commit": False, "auto.offset.reset": "earliest"})  # fmt: skip
@@ -98,7 +100,13 @@ def test_dense_update_reaches_dense_topic(bootstrap: str, prefix: str) -> None:
     with Publisher(bootstrap, [USER], prefix) as pub:
         pub.create_topics()
         pub.publish_dense(state, version=3)
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest"})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": uuid.uuid4().hex,
+            "auto.offset.reset": "earliest",
+        }
+    )
     c.assign([TopicPartition(f"{prefix}.dense", 0, 0)])
     msg = None
     deadline = time.monotonic() + 20
@@ -207,7 +215,9 @@ def test_dead_broker_with_block_raises() -> None:
 @pytest.mark.slow
 def test_broker_dies_mid_stream_surfaces_failure(restartable_broker) -> None:
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    pub = Publisher(restartable_broker.bootstrap_servers, [USER], prefix, {"message.timeout.ms": 2000})
+    pub = Publisher(
+        restartable_broker.bootstrap_servers, [USER], prefix, {"message.timeout.ms": 2000}
+    )
     pub.create_topics()
     pub.publish("user", *ok(100), version=1)
     pub.commit(1)
@@ -220,7 +230,10 @@ def test_broker_dies_mid_stream_surfaces_failure(restartable_broker) -> None:
 
 @pytest.mark.docker
 def test_round_trip_on_real_apache_kafka(docker_kafka: str, prefix: str) -> None:
-    keys, vectors = np.arange(1000, dtype=np.int64), np.random.default_rng(0).random((1000, 64), np.float32)
+    keys, vectors = (
+        np.arange(1000, dtype=np.int64),
+        np.random.default_rng(0).random((1000, 64), np.float32),
+    )
     with Publisher(docker_kafka, [USER], prefix) as pub:
         pub.create_topics()
         pub.publish("user", keys, vectors, version=1)

@@ -41,7 +41,13 @@ def test_update_round_trip(batch, version, partition, table, run_id) -> None:
         producer_seq=5, publish_ts_us=1_700_000_000_000_000,
     )  # fmt: skip
     m = wire.decode(data)
-    assert (m.kind, m.table, m.version, m.partition, m.run_id) == ("UPDATE", table, version, partition, run_id)
+    assert (m.kind, m.table, m.version, m.partition, m.run_id) == (
+        "UPDATE",
+        table,
+        version,
+        partition,
+        run_id,
+    )
     assert m.producer_seq == 5 and m.publish_ts_us == 1_700_000_000_000_000
     assert m.keys.dtype == np.int64 and np.array_equal(m.keys, keys)
     assert m.vectors.shape == vectors.shape and m.vectors.dtype == vectors.dtype
@@ -101,7 +107,9 @@ def test_dense_round_trip() -> None:
 
 def test_messages_stay_under_kafka_limit_when_split_by_publisher() -> None:
     # The publisher sizes batches by MAX_MESSAGE_BYTES; the header allowance must cover the header.
-    data = wire.encode_update("t" * 200, np.arange(10), np.zeros((10, 4), np.float32), 2**62, run_id="r" * 64)
+    data = wire.encode_update(
+        "t" * 200, np.arange(10), np.zeros((10, 4), np.float32), 2**62, run_id="r" * 64
+    )
     assert len(data) - (10 * 8 + 10 * 16) < 1024
 
 
@@ -144,7 +152,10 @@ def test_none_value_is_wire_error() -> None:
         (wire.encode_update("u", [1], np.ones((1, 4), np.float16), 3), "wrong_dtype"),
         (wire.encode_update("u", [1], np.full((1, 4), np.nan, np.float32), 3), "non_finite"),
         (wire.encode_update("u", [1], np.ones((1, 4), np.float32), 0), "version_not_positive"),
-        (wire.encode_update("u", [1], np.ones((1, 4), np.float32), 3, row_versions=[-1]), "version_not_positive"),
+        (
+            wire.encode_update("u", [1], np.ones((1, 4), np.float32), 3, row_versions=[-1]),
+            "version_not_positive",
+        ),
         (wire.encode_marker("u", 5), None),
     ],
 )
