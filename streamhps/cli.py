@@ -86,8 +86,12 @@ def _cmd_topics_create(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="streamhps", description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("-v", "--verbose", action="count", default=1, help="more logging (-vv for debug)")
+    p = argparse.ArgumentParser(
+        prog="streamhps", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    p.add_argument(
+        "-v", "--verbose", action="count", default=1, help="more logging (-vv for debug)"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("broker", help="run the embedded Kafka-compatible broker (Tansu)")
@@ -109,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _register_extensions(sub: Any) -> None:
     """Subcommands that live in their own modules add themselves here."""
+    from streamhps.processor.cli import register as _register_processor
+
+    _register_processor(sub)  # processor, inspect, snapshot
+    from servers.cli import register as _register_serve
+    from trainers.cli import register as _register_train
+
+    _register_serve(sub)  # serve
+    _register_train(sub)  # train
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,1 @@
+"""Runnable online trainers that publish through :class:`streamhps.Publisher`."""
