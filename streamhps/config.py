@@ -65,10 +65,18 @@ class TableSpec:
             )
         if self.name == "dense":
             raise ConfigError("table name 'dense' is reserved for the dense-model topic")
-        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or not 1 <= self.dim <= 65536:
-            raise ConfigError(f"table {self.name!r}: dim must be an integer in 1..65536, got {self.dim!r}")
+        if (
+            isinstance(self.dim, bool)
+            or not isinstance(self.dim, int)
+            or not 1 <= self.dim <= 65536
+        ):
+            raise ConfigError(
+                f"table {self.name!r}: dim must be an integer in 1..65536, got {self.dim!r}"
+            )
         if self.dtype not in DTYPES:
-            raise ConfigError(f"table {self.name!r}: dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ConfigError(
+                f"table {self.name!r}: dtype must be one of {DTYPES}, got {self.dtype!r}"
+            )
         if (
             isinstance(self.partitions, bool)
             or not isinstance(self.partitions, int)
@@ -108,9 +116,13 @@ class ServingSettings:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_staleness_s, (int, float)) and self.max_staleness_s > 0):
-            raise ConfigError(f"serving.max_staleness_s must be > 0 seconds, got {self.max_staleness_s!r}")
+            raise ConfigError(
+                f"serving.max_staleness_s must be > 0 seconds, got {self.max_staleness_s!r}"
+            )
         if not (isinstance(self.cache_capacity, int) and self.cache_capacity > 0):
-            raise ConfigError(f"serving.cache_capacity must be a positive row count, got {self.cache_capacity!r}")
+            raise ConfigError(
+                f"serving.cache_capacity must be a positive row count, got {self.cache_capacity!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -123,12 +135,32 @@ class ProcessorSettings:
     ``lmdb_sync``: fsync on every commit (True, safe). False survives a process crash but can lose
     the last transactions on an OS crash or power loss; on restart they are replayed from Kafka
     if the broker still holds them.
+    ``lmdb_metasync``: flush the meta page on every commit (True, safe). False saves an fsync per
+    commit; an OS crash may undo the last committed transaction (never corrupts the file).
+    ``lmdb_writemap``: write through a writable mmap (False, safe). True is faster, but a stray
+    write in the process can corrupt the file, and with ``lmdb_sync=False`` nothing says when
+    data reaches disk.
+    ``lmdb_map_async``: with ``lmdb_writemap``, flush asynchronously (False, safe). True: an OS
+    crash can corrupt the database or lose the last transactions.
+    ``map_size_bytes``: initial LMDB map size; a full map doubles and the batch is retried.
+    ``progress_interval_s``: seconds between progress log lines (rows/s, applied versions).
+    ``history_check_s``: seconds between broker watermark checks that detect lost broker history
+    (stored offset beyond the log end); smaller detects a restarted broker sooner, at one
+    metadata request per partition per check.
+    ``kafka_commit``: also commit offsets to Kafka (asynchronously, after the LMDB commit) so
+    that lag tools see the processor; LMDB stays the source of truth for where to resume.
     """
 
     batch_max_messages: int = 256
     batch_max_seconds: float = 0.05
     lmdb_sync: bool = True
     map_size_bytes: int = 1 << 30
+    lmdb_metasync: bool = True
+    lmdb_writemap: bool = False
+    lmdb_map_async: bool = False
+    progress_interval_s: float = 10.0
+    history_check_s: float = 1.0
+    kafka_commit: bool = True
 
 
 @dataclass(frozen=True)
@@ -143,7 +175,9 @@ class Config:
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.topic_prefix or ""):
-            raise ConfigError(f"topic_prefix {self.topic_prefix!r} is not a valid Kafka topic prefix")
+            raise ConfigError(
+                f"topic_prefix {self.topic_prefix!r} is not a valid Kafka topic prefix"
+            )
         names = [t.name for t in self.tables]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -173,7 +207,9 @@ class Config:
         raw_tables = data.get("tables", [])
         if not isinstance(raw_tables, list) or not raw_tables:
             raise ConfigError(f"{source}: at least one [[tables]] entry is required")
-        tables = tuple(_build(TableSpec, t, f"{source}: tables[{i}]") for i, t in enumerate(raw_tables))
+        tables = tuple(
+            _build(TableSpec, t, f"{source}: tables[{i}]") for i, t in enumerate(raw_tables)
+        )
         kafka = data.get("kafka", {})
         if not isinstance(kafka, dict):
             raise ConfigError(f"{source}: [kafka] must be a table of librdkafka keys")
@@ -185,7 +221,9 @@ class Config:
             topic_prefix=data.get("topic_prefix", "streamhps"),
             kafka=kafka,
             serving=_build(ServingSettings, data.get("serving", {}), f"{source}: [serving]"),
-            processor=_build(ProcessorSettings, data.get("processor", {}), f"{source}: [processor]"),
+            processor=_build(
+                ProcessorSettings, data.get("processor", {}), f"{source}: [processor]"
+            ),
         )
 
     @classmethod

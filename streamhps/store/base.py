@@ -43,7 +43,8 @@ class WriteBatch:
 
     ``offsets``: ``(topic, partition) -> next offset to consume``; ``applied``:
     ``(table, partition) -> marker version`` (stored as the max of old and new);
-    ``messages`` / ``dlq``: per-table message counts, kept in the compaction stats.
+    ``messages`` / ``dlq``: per-table message counts, kept in the compaction stats;
+    ``topic_ids``: topic -> broker topic id the offsets refer to (a new id = history lost).
     """
 
     rows: dict[str, TableRows] = field(default_factory=dict)
@@ -51,12 +52,13 @@ class WriteBatch:
     applied: dict[tuple[str, int], int] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)
     dlq: dict[str, int] = field(default_factory=dict)
+    topic_ids: dict[str, str] = field(default_factory=dict)
 
     def table_rows(self, table: str) -> TableRows:
         return self.rows.setdefault(table, TableRows())
 
     def __bool__(self) -> bool:
-        return bool(self.rows or self.offsets or self.applied)
+        return bool(self.rows or self.offsets or self.applied or self.topic_ids)
 
 
 @dataclass

@@ -32,18 +32,19 @@ left by crashed processes are cleared on every open.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import struct
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict
 from itertools import islice
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 import numpy as np
@@ -141,6 +142,32 @@ def _release_env(p: Path) -> None:
             entry[0].close()
 
 
+_ABSENT = object()
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _NeedHandle(Exception):
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+
+
+def _reads(fn: _F) -> _F:
+    """Retry a read method after opening the database handles it found missing."""
+
+    @functools.wraps(fn)
+    def wrapper(self: LmdbStore, *args: Any, **kwargs: Any) -> Any:
+        for name in [k for k, v in self._dbs.items() if v is _ABSENT]:
+            del self._dbs[name]  # it may exist by now
+        for _ in range(64):
+            try:
+                return fn(self, *args, **kwargs)
+            except _NeedHandle as e:
+                self._open_handle(e.name)
+        raise StoreError(f"cannot open the databases of {self.path}")
+
+    return wrapper  # type: ignore[return-value]
+
+
 class LmdbStore(StoreWriter):
     """One LMDB environment of the persistent tier. Open with :meth:`open`."""
 
@@ -218,15 +245,24 @@ class LmdbStore(StoreWriter):
                 self._env.set_mapsize(0)  # the writer grew the map: adopt its size
         raise StoreError(f"cannot begin a transaction on {self.path}: map keeps resizing")
 
-    def _db(self, name: bytes, txn: lmdb.Transaction) -> Any:
+    def _db(self, name: bytes, txn: lmdb.Transaction, write: bool = False) -> Any:
         db = self._dbs.get(name)
+        if db is _ABSENT:
+            return None
         if db is None:
-            try:
-                db = self._env.open_db(name, txn=txn, create=not self.readonly)
-            except lmdb.NotFoundError:
-                return None
+            if not write:
+                # A read txn cannot use a handle opened after it began (and one opened inside
+                # it dies with it): abort, open the handle outside, retry (see _reads).
+                raise _NeedHandle(name)
+            db = self._env.open_db(name, txn=txn, create=True)
             self._dbs[name] = db
         return db
+
+    def _open_handle(self, name: bytes) -> None:
+        try:
+            self._dbs[name] = self._env.open_db(name, create=False)
+        except lmdb.NotFoundError:
+            self._dbs[name] = _ABSENT
 
     def _load_meta(self, txn: lmdb.Transaction) -> dict[str, TableSpec]:
         meta = self._db(_META, txn)
@@ -255,16 +291,19 @@ class LmdbStore(StoreWriter):
 
     # ------------------------------------------------------------------ reader API
 
+    @_reads
     def tables(self) -> dict[str, TableSpec]:
         with self._begin() as txn:
             return dict(self._load_meta(txn))
 
+    @_reads
     def held_partitions(self, table: str) -> list[int]:
         """Partitions of ``table`` this store (its processor shard) holds."""
         with self._begin() as txn:
             self._spec(table, txn)
             return list(self._held[table])
 
+    @_reads
     def get(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         keys = np.asarray(keys)
         if keys.ndim != 1 or (keys.size and keys.dtype.kind not in "iu"):
@@ -320,6 +359,7 @@ class LmdbStore(StoreWriter):
         found = np.isin(sorted_keys, got, assume_unique=True)
         return found, rows["version"].astype(np.int64), rows["vector"]
 
+    @_reads
     def applied_version(self, table: str) -> int | None:
         with self._begin() as txn:
             self._spec(table, txn)
@@ -329,6 +369,7 @@ class LmdbStore(StoreWriter):
             return None
         return min(applied[p] for p in held)
 
+    @_reads
     def partition_applied_versions(self, table: str) -> dict[int, int]:
         with self._begin() as txn:
             self._spec(table, txn)
@@ -350,9 +391,18 @@ class LmdbStore(StoreWriter):
                     out[_unpk(kb)[1]] = struct.unpack("<q", v)[0]
         return out
 
+    @_reads
     def offsets(self) -> dict[tuple[str, int], int]:
         with self._begin() as txn:
             return self._offsets(txn)
+
+    @_reads
+    def topic_ids(self) -> dict[str, str]:
+        """Topic -> broker topic id its stored offsets refer to (recorded by the processor)."""
+        with self._begin() as txn:
+            meta = self._db(_META, txn)
+            raw = txn.get(b"topic_ids", db=meta) if meta is not None else None
+            return dict(json.loads(bytes(raw))) if raw else {}
 
     def _offsets(self, txn: lmdb.Transaction) -> dict[tuple[str, int], int]:
         db = self._db(_OFFSETS, txn)
@@ -363,6 +413,7 @@ class LmdbStore(StoreWriter):
     def iter_rows(
         self, table: str, batch_rows: int = 65536
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        self.row_count(table)  # opens the handles outside the long read txn below
         with self._begin() as txn:
             spec = self._spec(table, txn)
             rdt = _row_dtype(spec)
@@ -381,12 +432,14 @@ class LmdbStore(StoreWriter):
                     rows["version"].astype(np.int64),
                 )
 
+    @_reads
     def row_count(self, table: str) -> int:
         with self._begin() as txn:
             self._spec(table, txn)
             db = self._db(f"rows:{table}".encode(), txn)
             return int(txn.stat(db)["entries"]) if db is not None else 0
 
+    @_reads
     def stats(self) -> dict[str, Any]:
         with self._begin() as txn:
             specs = self._load_meta(txn)
@@ -432,6 +485,7 @@ class LmdbStore(StoreWriter):
             "last_commit_unix": counters.get("last_commit_unix"),
             "tables": tables,
             "offsets": {f"{t}[{p}]": o for (t, p), o in sorted(offsets.items())},
+            "topic_ids": self.topic_ids(),
         }
 
     # ------------------------------------------------------------------ writer API
@@ -462,9 +516,13 @@ class LmdbStore(StoreWriter):
                 stored[name] = spec
                 want = sorted(held[name]) if held and name in held else list(range(spec.partitions))
                 held_all[name] = sorted(set(held_all.get(name, [])) | set(want))
-                self._db(f"rows:{name}".encode(), txn)
+                self._db(f"rows:{name}".encode(), txn, write=True)
             doc = {n: {**asdict(s), "held": held_all[n]} for n, s in stored.items()}
-            txn.put(b"tables", json.dumps(doc, sort_keys=True).encode(), db=self._db(_META, txn))
+            txn.put(
+                b"tables",
+                json.dumps(doc, sort_keys=True).encode(),
+                db=self._db(_META, txn, write=True),
+            )
         self._specs, self._held = stored, held_all
 
     def write_batch(self, batch: WriteBatch) -> dict[str, TableWriteResult]:
@@ -497,7 +555,7 @@ class LmdbStore(StoreWriter):
             for table, (keys, vectors, versions, rows_in) in prepared.items():
                 spec = self._spec(table, txn)
                 res = TableWriteResult(rows_in=rows_in, rows_duplicate=rows_in - keys.shape[0])
-                db = self._db(f"rows:{table}".encode(), txn)
+                db = self._db(f"rows:{table}".encode(), txn, write=True)
                 enc = encode_keys(keys)
                 hits = txn.cursor(db).getmulti(enc)
                 keep = np.ones(keys.shape[0], dtype=bool)
@@ -521,13 +579,18 @@ class LmdbStore(StoreWriter):
                 res.rows_written = n_keep
                 res.rows_stale = keys.shape[0] - n_keep
                 results[table] = res
-            offsets_db, applied_db = self._db(_OFFSETS, txn), self._db(_APPLIED, txn)
+            offsets_db, applied_db = self._db(_OFFSETS, txn, True), self._db(_APPLIED, txn, True)
             for (topic, p), off in batch.offsets.items():
                 txn.put(_pk(topic, p), _i64(off), db=offsets_db)
             for (table, p), v in batch.applied.items():
                 old = txn.get(_pk(table, p), db=applied_db)
                 if old is None or struct.unpack("<q", old)[0] < v:
                     txn.put(_pk(table, p), _i64(v), db=applied_db)
+            if batch.topic_ids:
+                meta = self._db(_META, txn, True)
+                raw = txn.get(b"topic_ids", db=meta)
+                ids = {**(json.loads(bytes(raw)) if raw else {}), **batch.topic_ids}
+                txn.put(b"topic_ids", json.dumps(ids, sort_keys=True).encode(), db=meta)
             stats = self._read_stats(txn)
             for table in set(results) | set(batch.messages) | set(batch.dlq):
                 c = stats["tables"].setdefault(table, {})
@@ -538,7 +601,7 @@ class LmdbStore(StoreWriter):
                 c["dlq"] = c.get("dlq", 0) + batch.dlq.get(table, 0)
             stats["batches"] = stats.get("batches", 0) + 1
             stats["last_commit_unix"] = time.time()
-            txn.put(b"stats", json.dumps(stats).encode(), db=self._db(_META, txn))
+            txn.put(b"stats", json.dumps(stats).encode(), db=self._db(_META, txn, True))
         return results
 
     def snapshot(self, out: str | os.PathLike[str]) -> Path:

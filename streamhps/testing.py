@@ -1,0 +1,196 @@
+"""Helpers for tests and demos: run the processor as a real subprocess and wait on its store.
+
+::
+
+    proc = start_processor(config_path, store_dir, log_path=tmp / "proc.log")
+    wait_for_applied_version(store_dir, "user", 7, timeout=30)
+    stop_processor(proc)                       # SIGTERM, then wait (kill -9 after a grace period)
+
+The processor is started with the CLI (``python -m streamhps processor ...``) as a normal
+child process, so a test may SIGSTOP/SIGCONT/SIGKILL it like any deployment would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from streamhps.errors import StoreError, StreamHPSError
+
+
+def start_processor(
+    config_path: str | os.PathLike[str],
+    store_dir: str | os.PathLike[str],
+    *,
+    shard: str = "0/1",
+    log_path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    extra_args: Sequence[str] = (),
+    wait_ready: float = 30.0,
+) -> subprocess.Popen[bytes]:
+    """Start ``streamhps processor`` and wait (up to ``wait_ready`` s) until its store exists.
+
+    Output goes to ``log_path`` (appended) or is discarded. ``env`` is added to os.environ.
+    """
+    cmd = [sys.executable, "-m", "streamhps", "-v", "processor", "--config", str(config_path),
+           "--store", str(store_dir), "--shard", shard, *extra_args]  # fmt: skip
+    out: IO[bytes] | int = subprocess.DEVNULL
+    if log_path is not None:
+        out = open(log_path, "ab")  # noqa: SIM115 - the child holds it; closed below
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    finally:
+        if not isinstance(out, int):
+            out.close()
+    if wait_ready:
+        deadline = time.monotonic() + wait_ready
+        while not _has_tables(store_dir):
+            if proc.poll() is not None:
+                raise StreamHPSError(
+                    f"processor exited with code {proc.returncode} before its store was ready; see {log_path}"
+                )
+            if time.monotonic() > deadline:
+                raise StreamHPSError(
+                    f"processor store {store_dir} not ready after {wait_ready}s; see {log_path}"
+                )
+            time.sleep(0.05)
+    return proc
+
+
+def stop_processor(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM (graceful) and wait; SIGKILL if it has not exited after ``timeout``. Returns the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return int(proc.returncode)
+
+
+def kill_processor(proc: subprocess.Popen[bytes]) -> None:
+    """kill -9, as a crash would."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _has_tables(store_dir: str | os.PathLike[str]) -> bool:
+    from streamhps.store import LmdbStore
+
+    if not (Path(store_dir) / "data.mdb").exists():
+        return False
+    try:
+        with LmdbStore.open(store_dir, readonly=True) as st:
+            return bool(st.tables())
+    except StoreError:
+        return False
+
+
+def _wait(what: str, cond: Any, timeout: float, proc: subprocess.Popen[bytes] | None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            ok, last = cond()
+        except StoreError as e:
+            ok, last = False, str(e)
+        if ok:
+            return
+        if proc is not None and proc.poll() is not None:
+            raise StreamHPSError(
+                f"processor exited (code {proc.returncode}) while waiting for {what}; last: {last}"
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}; last seen: {last}")
+        time.sleep(0.05)
+
+
+def wait_for_applied_version(
+    store_dir: str | os.PathLike[str],
+    table: str,
+    version: int,
+    timeout: float = 30.0,
+    *,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Block until the store's applied version of ``table`` is >= ``version``."""
+    from streamhps.store import LmdbStore
+
+    def cond() -> tuple[bool, Any]:
+        if not (Path(store_dir) / "data.mdb").exists():
+            return False, "no store yet"
+        with LmdbStore.open(store_dir, readonly=True) as st:
+            v = st.applied_version(table) if table in st.tables() else None
+        return v is not None and v >= version, v
+
+    _wait(f"applied version {version} of {table!r} in {store_dir}", cond, timeout, proc)
+
+
+def wait_for_offsets(
+    store_dir: str | os.PathLike[str],
+    offsets: Mapping[tuple[str, int], int],
+    timeout: float = 30.0,
+    *,
+    proc: subprocess.Popen[bytes] | None = None,
+) -> None:
+    """Block until every ``(topic, partition)`` has a stored next offset >= the given one."""
+    from streamhps.store import LmdbStore
+
+    def cond() -> tuple[bool, Any]:
+        if not (Path(store_dir) / "data.mdb").exists():
+            return False, "no store yet"
+        with LmdbStore.open(store_dir, readonly=True) as st:
+            have = st.offsets()
+        return all(have.get(tp, -1) >= o for tp, o in offsets.items()), have
+
+    _wait(f"offsets {dict(offsets)} in {store_dir}", cond, timeout, proc)
+
+
+def end_offsets(
+    bootstrap_servers: str, topics: Mapping[str, int], timeout: float = 10.0
+) -> dict[tuple[str, int], int]:
+    """High watermark of every partition of ``topics`` (name -> partition count)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer(
+        {"bootstrap.servers": bootstrap_servers, "group.id": "streamhps-testing-watermarks"}
+    )
+    try:
+        out: dict[tuple[str, int], int] = {}
+        for topic, n in topics.items():
+            for p in range(n):
+                out[(topic, p)] = c.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=timeout, cached=False
+                )[1]
+        return out
+    finally:
+        c.close()
+
+
+def write_config(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a config TOML (tests build them inline)."""
+    p = Path(path)
+    p.write_text(text)
+    return p
+
+
+__all__ = [
+    "end_offsets",
+    "kill_processor",
+    "start_processor",
+    "stop_processor",
+    "wait_for_applied_version",
+    "wait_for_offsets",
+    "write_config",
+]
