@@ -1,0 +1,11 @@
+"""The inference worker: a stream-fed embedding cache with LMDB behind it and bounded staleness.
+
+Modules: ``core`` (:class:`InferenceWorker`, lookups, readiness), ``ingest`` (the consume and
+apply loop), ``window`` (rows consumed that LMDB may not hold yet), ``staleness`` (how far
+behind the head each partition is), ``dlq`` (dead letters), ``missing`` (never-seen keys).
+"""
+
+from streamhps.worker.core import InferenceWorker
+from streamhps.worker.missing import init_vectors
+
+__all__ = ["InferenceWorker", "init_vectors"]

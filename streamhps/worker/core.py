@@ -1,0 +1,611 @@
+"""The inference worker: a cache kept fresh from the stream, with LMDB behind it.
+
+::
+
+    w = InferenceWorker.from_config("streamhps.toml", store="DIR", device="cpu")  # or "cuda"
+    w.start(); w.wait_ready(timeout=60)
+    values = w.lookup("user", keys)                        # numpy [n, dim]
+    values = w.lookup("user", keys, consistency="bounded") # StaleReadError past the bound
+    w.ready(); w.staleness(); w.stats(); w.stop()
+
+Start-up: open the LMDB tier read-only, read its offsets, optionally warm the cache from it,
+then tail every partition of the configured tables from those offsets (``assign``, no consumer
+group; partitions the store has no offset for start at the beginning) plus the dense-model
+topic from its latest message.
+
+A lookup reads the cache; keys it misses go to the window of rows this worker consumed that
+LMDB may not hold yet, then to LMDB (one batched read); the higher version wins. Rows found
+are inserted into the cache by the ingest thread (checked against the window once more, so a
+fill never brings back a row older than one already consumed). Keys no tier holds get the
+table's ``missing`` policy. Lookups never write LMDB (invariant 8).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
+
+from streamhps.config import Config, dense_topic
+from streamhps.errors import (
+    ConfigError,
+    StaleReadError,
+    StoreError,
+    StreamHPSError,
+    UnknownTableError,
+    ValidationError,
+)
+from streamhps.topics import admin_config, ensure_topics, planned_topics
+from streamhps.worker.dlq import DeadLetters
+from streamhps.worker.ingest import DenseCallback, Fill, Ingestor, TableState
+from streamhps.worker.missing import fill_missing
+from streamhps.worker.staleness import LagTracker
+from streamhps.worker.window import RecentRows
+
+log = logging.getLogger(__name__)
+
+CONSISTENCY = ("eventual", "bounded")
+_PRODUCER_ONLY = ("enable.idempotence", "acks", "linger.ms", "queue.buffering", "batch.", "compression",
+                  "message.timeout.ms", "delivery.timeout.ms", "retries", "transactional")  # fmt: skip
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+    "auto.offset.reset": "earliest",  # a stored offset beyond the log (history lost): reread all
+    "fetch.wait.max.ms": 50,  # bounds how long an idle fetch waits; new data returns at once
+    "fetch.max.bytes": 64 << 20,
+    "max.partition.fetch.bytes": 8 << 20,
+    "queued.max.messages.kbytes": 256 << 10,
+}
+
+
+class InferenceWorker:
+    """One worker per GPU (or CPU process). Thread-safe lookups; one ingest thread.
+
+    ``config``: the deployment :class:`~streamhps.config.Config`; ``store``: the LMDB directory
+    the processor writes; ``device``: ``"cpu"`` (numpy cache) or ``"cuda"`` (CuPy cache).
+    ``probe_interval_s``: how often the broker is asked for the head of every partition
+    (staleness resolution; default a tenth of ``max_staleness_s``, at most 0.1 s).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: str | os.PathLike[str],
+        device: str = "cpu",
+        *,
+        cache_capacity: int | None = None,
+        cache_policy: str = "lru",
+        warm_from_store: bool | None = None,
+        probe_interval_s: float | None = None,
+        batch_messages: int = 1024,
+        kafka_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        if device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        self.config = config
+        self.store_path = os.fspath(store)
+        self.device = device
+        self.backend = "numpy" if device == "cpu" else "cuda"
+        self.max_staleness_s = float(config.serving.max_staleness_s)
+        self.cache_capacity = int(cache_capacity or config.serving.cache_capacity)
+        self.cache_policy = cache_policy
+        self.warm_from_store = (
+            config.serving.warm_from_store if warm_from_store is None else warm_from_store
+        )
+        self.probe_interval_s = probe_interval_s or min(0.1, self.max_staleness_s / 10)
+        self.batch_messages = batch_messages
+        self.kafka = {**config.kafka, **dict(kafka_config or {})}
+        self._tables: dict[str, TableState] = {}
+        self._store: Any = None
+        self._consumer: Any = None
+        self._ingest: Ingestor | None = None
+        self._dlq: DeadLetters | None = None
+        self._tracker = LagTracker({t.name: t.partitions for t in config.tables})
+        self._probe_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._started = False
+        self._stopped = False
+        self._start_offsets: dict[tuple[str, int], int] = {}
+        self._warmed: dict[str, int] = {}
+        self._stats_lock = threading.Lock()
+        self._lookup_counts = dict.fromkeys(
+            ("lookups", "keys", "hits", "misses", "from_window", "from_store", "from_missing",
+             "window_over_store"),
+            0,
+        )  # fmt: skip
+        self._xp: Any = np
+        self._dense_callbacks: list[DenseCallback] = []
+
+    @classmethod
+    def from_config(
+        cls,
+        config: str | os.PathLike[str] | Config,
+        store: str | os.PathLike[str],
+        device: str = "cpu",
+        **kwargs: Any,
+    ) -> InferenceWorker:
+        """Build a worker from a config file path (or a :class:`Config`)."""
+        cfg = config if isinstance(config, Config) else Config.load(config)
+        return cls(cfg, store, device, **kwargs)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> InferenceWorker:
+        """Open the store, warm the caches, assign every partition and start ingesting."""
+        if self._started:
+            return self
+        from streamhps.cache import make_cache
+        from streamhps.store import LmdbStore
+
+        if self.device == "cuda":
+            import cupy
+
+            self._xp = cupy
+        self._store = LmdbStore.open(self.store_path, readonly=True)
+        try:
+            self._check_store_tables()
+            ensure_topics(self.kafka, planned_topics(self.config.topic_prefix, self.config.tables))
+            for spec in self.config.tables:
+                cache = make_cache(
+                    self.backend,
+                    capacity=self.cache_capacity,
+                    dim=spec.dim,
+                    dtype=spec.dtype,
+                    policy=self.cache_policy,
+                )
+                self._tables[spec.name] = TableState(
+                    spec,
+                    self.config.topic(spec.name),
+                    cache,
+                    RecentRows(spec.dim, spec.np_dtype, spec.partitions),
+                )
+            # Offsets first, then rows: rows read later are at least as new as the offsets, and
+            # replaying from older offsets changes nothing (versions decide).
+            offsets = self._store.offsets()
+            applied = {name: self._store_applied(name) for name in self._tables}
+            if self.warm_from_store:
+                for st in self._tables.values():
+                    self._warmed[st.spec.name] = self._warm(st)
+            assignment = []
+            for st in self._tables.values():
+                for p in range(st.spec.partitions):
+                    start = offsets.get((st.topic, p))
+                    self._start_offsets[(st.topic, p)] = start if start is not None else 0
+                    self._tracker.start_at(
+                        st.spec.name, p, start or 0, applied[st.spec.name].get(p)
+                    )
+                    assignment.append(
+                        TopicPartition(
+                            st.topic, p, start if start is not None else OFFSET_BEGINNING
+                        )
+                    )
+            conf = {k: v for k, v in self.kafka.items() if not k.startswith(_PRODUCER_ONLY)}
+            conf = {
+                **CONSUMER_DEFAULTS,
+                **conf,
+                "group.id": f"streamhps-worker-{uuid.uuid4().hex[:12]}",
+            }
+            conf["enable.auto.commit"] = False
+            self._consumer = Consumer(conf, logger=logging.getLogger("streamhps.kafka"))
+            assignment.append(self._dense_start())
+            self._consumer.assign(assignment)
+            self._dlq = DeadLetters(self.kafka)
+            self._ingest = Ingestor(
+                self._consumer, self._tables, dense_topic(self.config.topic_prefix), self._tracker, self._dlq,
+                self._store, batch_messages=self.batch_messages,
+            )  # fmt: skip
+            self._ingest.dense_callbacks = self._dense_callbacks
+            self._ingest.start()
+            self._probe_thread = threading.Thread(
+                target=self._probe_loop, name="streamhps-probe", daemon=True
+            )
+            self._probe_thread.start()
+        except BaseException:
+            self._close_resources()
+            raise
+        self._started = True
+        log.info(
+            "worker started on %s (%s cache), tables %s, start offsets %s",
+            self.store_path, self.backend, sorted(self._tables), self._start_offsets,
+        )  # fmt: skip
+        return self
+
+    def stop(self) -> None:
+        """Stop ingesting and release the consumer, the DLQ producer and the store."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        if self._ingest is not None:
+            self._ingest.stop()
+        if self._probe_thread is not None:
+            self._probe_thread.join(10)
+        self._close_resources()
+
+    def _close_resources(self) -> None:
+        if self._consumer is not None:
+            try:
+                self._consumer.close()
+            except (KafkaException, RuntimeError) as e:
+                log.warning("closing the worker's consumer: %s", e)
+            self._consumer = None
+        if self._dlq is not None:
+            left = self._dlq.flush(5.0)
+            if left:
+                log.error("%d dead letter(s) were not acknowledged before stop", left)
+            self._dlq = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def __enter__(self) -> InferenceWorker:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _check_store_tables(self) -> None:
+        stored = self._store.tables()
+        for spec in self.config.tables:
+            old = stored.get(spec.name)
+            if old is not None and (old.dim, old.dtype, old.partitions) != (
+                spec.dim,
+                spec.dtype,
+                spec.partitions,
+            ):
+                raise ConfigError(
+                    f"table {spec.name!r}: the config says dim={spec.dim} dtype={spec.dtype} "
+                    f"partitions={spec.partitions} but store {self.store_path} holds dim={old.dim} "
+                    f"dtype={old.dtype} partitions={old.partitions}"
+                )
+
+    def _store_applied(self, table: str) -> dict[int, int]:
+        try:
+            return dict(self._store.partition_applied_versions(table))
+        except UnknownTableError:
+            return {}
+
+    def _warm(self, st: TableState) -> int:
+        """Fill the cache from LMDB, up to its capacity (rows in key order)."""
+        if st.spec.name not in self._store.tables():
+            return 0
+        n = 0
+        cap = int(st.cache.capacity)
+        for keys, vectors, versions in self._store.iter_rows(st.spec.name):
+            take = min(keys.shape[0], cap - n)
+            if take <= 0:
+                break
+            st.cache.upsert(
+                self._to_dev(keys[:take]),
+                self._to_dev(vectors[:take]),
+                self._to_dev(versions[:take]),
+            )
+            n += take
+        log.info("warmed the %s cache with %d rows from %s", st.spec.name, n, self.store_path)
+        return n
+
+    def _dense_start(self) -> TopicPartition:
+        topic = dense_topic(self.config.topic_prefix)
+        try:
+            lo, hi = self._consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)
+        except KafkaException as e:
+            log.warning(
+                "cannot read the watermarks of %s (%s); reading it from the beginning", topic, e
+            )
+            return TopicPartition(topic, 0, OFFSET_BEGINNING)
+        # Only the newest dense model matters.
+        return TopicPartition(topic, 0, hi - 1 if hi > lo else OFFSET_BEGINNING)
+
+    # ---------------------------------------------------------------- the head of the stream
+
+    def _probe_loop(self) -> None:
+        admin = AdminClient(admin_config(self.kafka))
+        tps = [
+            TopicPartition(st.topic, p)
+            for st in self._tables.values()
+            for p in range(st.spec.partitions)
+        ]
+        names = {st.topic: st.spec.name for st in self._tables.values()}
+        lost_reported: set[tuple[str, int]] = set()
+        timeout = max(1.0, self.max_staleness_s)
+        while not self._stop.is_set():
+            sent = time.monotonic()
+            try:
+                futs = admin.list_offsets(
+                    {tp: OffsetSpec.latest() for tp in tps}, request_timeout=timeout
+                )
+                got = {
+                    (tp.topic, tp.partition): f.result(timeout=timeout).offset
+                    for tp, f in futs.items()
+                }
+            except Exception as e:  # noqa: BLE001 - the broker is unreachable: staleness grows
+                log.debug("head probe failed: %s", e)
+                self._stop.wait(self.probe_interval_s)
+                continue
+            positions = {name: self._tracker.position(name) for name in names.values()}
+            for (topic, p), hw in got.items():
+                name = names[topic]
+                cached = -1
+                consumer = self._consumer
+                if consumer is not None:
+                    try:
+                        cached = int(
+                            consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)[1]
+                        )
+                    except (KafkaException, RuntimeError):
+                        cached = -1
+                head = max(int(hw), cached)
+                pos = int(positions[name][p])
+                if cached >= 0 and head < pos and (topic, p) not in lost_reported:
+                    lost_reported.add((topic, p))
+                    self._tracker.note_history_lost(name, p, pos, head)
+                    log.error(
+                        "broker history lost: %s[%d] ends at offset %d but this worker is at %d "
+                        "(topic recreated or broker restarted); it rereads the partition from the "
+                        "beginning, keeping its cache", topic, p, head, pos,
+                    )  # fmt: skip
+                self._tracker.probed(name, p, head, sent)
+            self._stop.wait(max(0.0, self.probe_interval_s - (time.monotonic() - sent)))
+
+    # ---------------------------------------------------------------- readiness
+
+    def not_ready_reason(self) -> str | None:
+        """Why the worker is not ready, or None when it is."""
+        if not self._started:
+            return "not started"
+        if self._stopped:
+            return "stopped"
+        ing = self._ingest
+        if ing is None or ing.error is not None:
+            return f"ingest failed: {ing.error if ing else 'no ingest thread'}"
+        if not ing.alive():
+            return "ingest thread is not running"
+        for name in self._tables:
+            secs, p = self._tracker.max_seconds(name)
+            if secs == float("inf"):
+                return f"table {name!r} partition {p} has not caught up with the head of the stream yet"
+            if secs > self.max_staleness_s:
+                return (
+                    f"table {name!r} partition {p} is {secs:.2f}s behind the head "
+                    f"(serving.max_staleness_s = {self.max_staleness_s}s)"
+                )
+        return None
+
+    def ready(self) -> bool:
+        return self.not_ready_reason() is None
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until ready; raise :class:`StaleReadError` with the reason after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reason = self.not_ready_reason()
+            if reason is None:
+                return
+            if time.monotonic() >= deadline or reason in ("not started", "stopped"):
+                raise StaleReadError(f"worker not ready after {timeout:.1f}s: {reason}")
+            time.sleep(0.01)
+
+    def staleness(self) -> dict[str, dict[int, dict[str, Any]]]:
+        """Per table, per partition: ``seconds`` behind the head (see
+        :mod:`streamhps.worker.staleness`), ``versions_behind``, ``applied_version``, ``offset``
+        (next to consume), ``high_watermark`` and ``lag_messages``."""
+        return self._tracker.report()
+
+    def _check_bound(self, table: str, timeout: float | None) -> None:
+        deadline = time.monotonic() + (timeout or 0.0)
+        while True:
+            secs, p = self._tracker.max_seconds(table)
+            ing = self._ingest
+            failed = ing is None or ing.error is not None or not ing.alive()
+            if secs <= self.max_staleness_s and not failed:
+                return
+            if time.monotonic() >= deadline:
+                what = (
+                    "its ingest thread is not running"
+                    if failed
+                    else f"partition {p} is {secs:.2f}s behind the head"
+                )
+                raise StaleReadError(
+                    f"bounded read of table {table!r} refused: {what} (serving.max_staleness_s = "
+                    f"{self.max_staleness_s}s); retry later, pass timeout= to wait, or read with "
+                    "consistency='eventual'"
+                )
+            time.sleep(0.005)
+
+    # ---------------------------------------------------------------- lookups
+
+    def lookup(
+        self,
+        table: str,
+        keys: Any,
+        consistency: str = "eventual",
+        timeout: float | None = None,
+        *,
+        as_numpy: bool = True,
+    ) -> Any:
+        """Rows of ``keys`` (``[n, dim]`` of the table's dtype; numpy, or CuPy with
+        ``as_numpy=False`` on a cuda worker).
+
+        ``consistency="bounded"`` raises :class:`StaleReadError` if the table is further behind
+        than ``serving.max_staleness_s``, after waiting up to ``timeout`` seconds for it to catch
+        up. Keys no tier holds follow the table's ``missing`` policy.
+        """
+        st = self._table(table)
+        if consistency not in CONSISTENCY:
+            raise ValidationError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
+        k = self._check_keys(keys)
+        if not self._started or self._stopped:
+            raise StreamHPSError("worker is not running: call start() first")
+        if consistency == "bounded":
+            self._check_bound(table, timeout)
+        xp = self._xp
+        values, hit = st.cache.lookup(self._to_dev(k))
+        hit_h = hit if xp is np else xp.asnumpy(hit)
+        n_hit = int(np.count_nonzero(hit_h))
+        counts = {"lookups": 1, "keys": k.shape[0], "hits": n_hit, "misses": k.shape[0] - n_hit}
+        if n_hit < k.shape[0]:
+            miss = np.flatnonzero(~hit_h)
+            ukeys, inverse = np.unique(k[miss], return_inverse=True)
+            rows = self._resolve_misses(st, ukeys, counts)
+            if xp is np:
+                if not values.flags.writeable:
+                    values = values.copy()
+                values[miss] = rows[inverse]
+            else:
+                values[xp.asarray(miss)] = xp.asarray(rows[inverse])
+        with self._stats_lock:
+            for name, v in counts.items():
+                self._lookup_counts[name] += v
+        if as_numpy and xp is not np:
+            return xp.asnumpy(values)
+        return values
+
+    def lookup_device(
+        self, table: str, keys: Any, consistency: str = "eventual", timeout: float | None = None
+    ) -> Any:
+        """Like :meth:`lookup` but leaves the rows on the device (CuPy) on a cuda worker."""
+        return self.lookup(table, keys, consistency, timeout, as_numpy=False)
+
+    def _resolve_misses(
+        self, st: TableState, keys: np.ndarray, counts: dict[str, int]
+    ) -> np.ndarray:
+        """Rows for unique missed ``keys``: window, then LMDB (higher version wins), then policy."""
+        epoch = st.window.epoch  # before reading: a prune after this point drops the fill
+        wv, wver, wfound = st.window.get(keys)
+        try:
+            lv, lver, lfound = self._store.get(st.spec.name, keys)
+        except UnknownTableError:  # the processor has not written this table yet
+            lv, lver, lfound = np.zeros_like(wv), np.zeros_like(wver), np.zeros(keys.shape[0], bool)
+        except StoreError as e:
+            raise StoreError(f"miss path of table {st.spec.name!r}: {e}") from e
+        use_window = wfound & (~lfound | (wver >= lver))
+        found = wfound | lfound
+        rows = np.where(use_window[:, None], wv, lv)
+        versions = np.where(use_window, wver, lver)
+        counts["from_window"] = int(np.count_nonzero(use_window))
+        counts["from_store"] = int(np.count_nonzero(found & ~use_window))
+        counts["window_over_store"] = int(np.count_nonzero(use_window & lfound & (wver > lver)))
+        if found.any() and self._ingest is not None:
+            self._ingest.fills.put(
+                Fill(
+                    st.spec.name,
+                    keys[found],
+                    np.ascontiguousarray(rows[found]),
+                    versions[found].copy(),
+                    epoch,
+                )
+            )
+        if not found.all():
+            absent = ~found
+            counts["from_missing"] = int(np.count_nonzero(absent))
+            rows[absent] = fill_missing(
+                st.spec.name, st.spec.missing, keys[absent], st.spec.dim, st.spec.np_dtype
+            )
+        return rows
+
+    def _check_keys(self, keys: Any) -> np.ndarray:
+        if hasattr(keys, "__cuda_array_interface__"):
+            keys = self._xp.asnumpy(keys)
+        a = np.asarray(keys)
+        if a.ndim != 1:
+            raise ValidationError(f"keys must be a 1-D array of int64 ids, got shape {a.shape}")
+        if a.size and a.dtype.kind not in "iu":
+            raise ValidationError(f"keys must be integers (int64 ids), got dtype {a.dtype}")
+        limit = self.config.serving.max_lookup_keys
+        if a.shape[0] > limit:
+            raise ValidationError(
+                f"{a.shape[0]} keys in one lookup, over serving.max_lookup_keys = {limit}; split the batch"
+            )
+        if a.dtype == np.uint64:
+            return a.view(np.int64)
+        return a.astype(np.int64, copy=False)
+
+    def _table(self, table: str) -> TableState:
+        try:
+            return self._tables[table]
+        except KeyError:
+            if self._started:
+                raise UnknownTableError(
+                    f"unknown table {table!r}; this worker serves {sorted(self._tables)}"
+                ) from None
+            raise StreamHPSError("worker is not running: call start() first") from None
+
+    def _to_dev(self, a: np.ndarray) -> Any:
+        return a if self._xp is np else self._xp.asarray(a)
+
+    # ---------------------------------------------------------------- dense model
+
+    def dense_model(self) -> tuple[int, dict[str, np.ndarray]] | None:
+        """The newest dense model received: ``(version, name -> array)``, or None."""
+        return self._ingest.dense if self._ingest is not None else None
+
+    def on_dense(self, callback: DenseCallback) -> None:
+        """Call ``callback(version, tensors)`` (on the ingest thread) for every newer dense model;
+        called at once with the current one if there is one."""
+        self._dense_callbacks.append(callback)
+        current = self.dense_model()
+        if current is not None:
+            callback(*current)
+
+    # ---------------------------------------------------------------- statistics
+
+    def apply_latencies(self) -> np.ndarray:
+        """Seconds from publish to applied-in-cache of recent messages (up to 65536 samples)."""
+        return self._ingest.latencies() if self._ingest is not None else np.zeros(0)
+
+    def reset_latencies(self) -> None:
+        if self._ingest is not None:
+            self._ingest.reset_latencies()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: ingest, DLQ, caches, windows, lookups and where misses were served from."""
+        ing = self._ingest
+        out: dict[str, Any] = {"ready": self.ready(), "not_ready_reason": self.not_ready_reason()}
+        if ing is not None:
+            c = ing.counters
+            elapsed = max(1e-9, time.monotonic() - c.started_at)
+            out["ingest"] = {
+                "messages": c.messages, "rows": c.rows, "markers": c.markers, "bytes": c.bytes,
+                "batches": c.batches, "rows_per_s": c.rows / elapsed, "kafka_errors": c.kafka_errors,
+                "fills_applied": c.fills_applied, "fills_dropped": c.fills_dropped,
+                "dense_updates": c.dense_updates,
+            }  # fmt: skip
+            lat = ing.latencies()
+            if lat.size:
+                out["apply_latency_ms"] = {
+                    "p50": float(np.percentile(lat, 50) * 1e3),
+                    "p99": float(np.percentile(lat, 99) * 1e3),
+                    "max": float(lat.max() * 1e3),
+                    "samples": int(lat.size),
+                }
+        if self._dlq is not None:
+            out["dlq"] = {
+                "count": self._dlq.count,
+                "by_reason": dict(self._dlq.sent),
+                "failed": self._dlq.failed,
+            }
+        out["tables"] = {
+            name: {
+                "cache": st.cache.stats(),
+                "window_rows": st.window.rows,
+                "window_chunks": st.window.chunks,
+                "window_bytes": st.window.nbytes,
+                "rows_applied": st.rows,
+                "messages": st.messages,
+                "warmed_rows": self._warmed.get(name, 0),
+            }
+            for name, st in self._tables.items()
+        }
+        out["history_lost"] = list(self._tracker.history_lost)
+        with self._stats_lock:
+            out["lookups"] = dict(self._lookup_counts)
+        out["start_offsets"] = {f"{t}[{p}]": o for (t, p), o in self._start_offsets.items()}
+        return out

@@ -1,0 +1,321 @@
+"""The worker's ingest loop: consume, decode, validate, apply whole batches to cache and window.
+
+One background thread owns the consumer, the windows and every cache write (stream updates and
+the read-through fills that lookups request), so cache writes are serialised with the stream
+and a fill can be checked against the window at the moment it is applied (invariant 3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from confluent_kafka import KafkaError, KafkaException
+
+from streamhps import wire
+from streamhps.config import TableSpec
+from streamhps.errors import WireError
+from streamhps.worker.dlq import DeadLetters
+from streamhps.worker.staleness import LagTracker
+from streamhps.worker.window import RecentRows, latest_per_key
+
+log = logging.getLogger(__name__)
+
+_LATENCY_SAMPLES = 1 << 16
+DenseCallback = Callable[[int, dict[str, np.ndarray]], None]
+
+
+@dataclass
+class TableState:
+    """Everything the worker keeps for one table."""
+
+    spec: TableSpec
+    topic: str
+    cache: Any
+    window: RecentRows
+    rows: int = 0  # rows applied from the stream
+    messages: int = 0
+
+
+@dataclass
+class Fill:
+    """Rows a lookup read from the window/LMDB, to insert into the cache on the ingest thread."""
+
+    table: str
+    keys: np.ndarray
+    vectors: np.ndarray
+    versions: np.ndarray
+    epoch: int  # the window's epoch before the lookup read it
+
+
+@dataclass
+class IngestCounters:
+    messages: int = 0
+    rows: int = 0
+    markers: int = 0
+    bytes: int = 0
+    batches: int = 0
+    kafka_errors: int = 0
+    fills_applied: int = 0
+    fills_dropped: int = 0
+    dense_updates: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class Ingestor:
+    """Consumes every assigned partition on a background thread and applies what it reads."""
+
+    def __init__(
+        self,
+        consumer: Any,
+        tables: dict[str, TableState],
+        dense_topic: str,
+        tracker: LagTracker,
+        dlq: DeadLetters,
+        store: Any,
+        *,
+        batch_messages: int = 1024,
+        poll_timeout_s: float = 0.02,
+        store_refresh_s: float = 0.05,
+    ) -> None:
+        self.consumer = consumer
+        self.tables = tables
+        self._by_topic = {st.topic: st for st in tables.values()}
+        self.dense_topic = dense_topic
+        self.tracker = tracker
+        self.dlq = dlq
+        self.store = store
+        self.batch_messages = batch_messages
+        self.poll_timeout_s = poll_timeout_s
+        self.store_refresh_s = store_refresh_s
+        self.counters = IngestCounters()
+        self.fills: queue.SimpleQueue[Fill] = queue.SimpleQueue()
+        self.dense: tuple[int, dict[str, np.ndarray]] | None = None
+        self.dense_callbacks: list[DenseCallback] = []
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_store_refresh = 0.0
+        self._lat = np.zeros(_LATENCY_SAMPLES)
+        self._lat_n = 0
+        self._lat_lock = threading.Lock()
+        self._last_error_log = 0.0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="streamhps-ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            self.refresh_store()
+            while not self._stop.is_set():
+                self.step()
+        except BaseException as e:  # noqa: BLE001 - reported through ready()/not_ready_reason()
+            self.error = e
+            log.exception("worker ingest thread failed; the worker is not ready from now on")
+
+    def step(self) -> int:
+        """One consume-and-apply round; returns messages consumed."""
+        try:
+            msgs = self.consumer.consume(
+                num_messages=self.batch_messages, timeout=self.poll_timeout_s
+            )
+        except KafkaException as e:
+            self._kafka_error(e.args[0] if e.args else e)
+            msgs = []
+        if msgs:
+            self._apply(msgs)
+        self._apply_fills()
+        now = time.monotonic()
+        if now - self._last_store_refresh >= self.store_refresh_s:
+            self.refresh_store()
+        self.dlq.poll()
+        return len(msgs)
+
+    # ---------------------------------------------------------------- the store's progress
+
+    def refresh_store(self) -> None:
+        """Read the store's offsets (and applied versions); drop window rows the store holds."""
+        self._last_store_refresh = time.monotonic()
+        offsets = self.store.offsets()
+        for st in self.tables.values():
+            nxt = np.zeros(st.spec.partitions, dtype=np.int64)
+            for p in range(st.spec.partitions):
+                nxt[p] = offsets.get((st.topic, p), 0)
+            st.window.prune(nxt)
+            with contextlib.suppress(KeyError):  # table not in the store yet (UnknownTableError)
+                applied = self.store.partition_applied_versions(st.spec.name)
+                self.tracker.store_applied(st.spec.name, applied)
+
+    # ---------------------------------------------------------------- applying messages
+
+    def _apply(self, msgs: list[Any]) -> None:
+        c = self.counters
+        rows: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]] = {}
+        markers: list[tuple[str, int, int]] = []
+        positions: dict[tuple[str, int], int] = {}
+        published_us: list[int] = []
+        for m in msgs:
+            err = m.error()
+            if err is not None:
+                if err.code() != KafkaError._PARTITION_EOF:
+                    self._kafka_error(err)
+                continue
+            topic = m.topic()
+            st = self._by_topic.get(topic)
+            if st is None:
+                if topic == self.dense_topic:
+                    self._dense(m)
+                continue
+            part, off = m.partition(), m.offset()
+            positions[(st.spec.name, part)] = off + 1
+            value = m.value()
+            c.messages += 1
+            st.messages += 1
+            c.bytes += len(value) if value is not None else 0
+            try:
+                dec = wire.decode(value)
+            except WireError as e:
+                log.debug("undecodable message %s[%d]@%d: %s", topic, part, off, e)
+                self.dlq.send(m, "undecodable")
+                continue
+            if dec.is_dense or dec.table != st.spec.name:
+                self.dlq.send(m, "unknown_table")
+                continue
+            reason = wire.check_update(dec, dim=st.spec.dim, dtype=st.spec.dtype)
+            if reason is not None:
+                self.dlq.send(m, reason)
+                continue
+            published_us.append(dec.publish_ts_us)
+            if dec.is_marker:
+                markers.append((st.spec.name, part, dec.version))
+            elif dec.row_count:
+                rows.setdefault(st.spec.name, []).append(
+                    (dec.keys, dec.versions(), dec.vectors, part, off)
+                )
+        for name, parts in rows.items():
+            self._apply_rows(self.tables[name], parts)
+        for name, part, version in markers:
+            self.tracker.marker(name, part, version)
+            c.markers += 1
+        for (name, part), nxt in positions.items():
+            self.tracker.consumed(name, part, nxt)
+        c.batches += 1
+        if published_us:
+            self._record_latency(time.time() - np.asarray(published_us, dtype=np.float64) / 1e6)
+
+    def _apply_rows(
+        self, st: TableState, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]
+    ) -> None:
+        if len(parts) == 1:
+            keys, versions, vectors, part, off = parts[0]
+            n = keys.shape[0]
+            partitions = np.full(n, part, dtype=np.int32)
+            offsets = np.full(n, off, dtype=np.int64)
+        else:
+            keys = np.concatenate([p[0] for p in parts])
+            versions = np.concatenate([p[1] for p in parts])
+            vectors = np.concatenate([p[2] for p in parts])
+            counts = [p[0].shape[0] for p in parts]
+            partitions = np.repeat(np.array([p[3] for p in parts], dtype=np.int32), counts)
+            offsets = np.repeat(np.array([p[4] for p in parts], dtype=np.int64), counts)
+        n = int(keys.shape[0])
+        keys, versions, (vectors, partitions, offsets) = latest_per_key(
+            keys, versions, vectors, partitions, offsets
+        )
+        if not vectors.flags.writeable:  # views into message bytes: the window keeps its own copy
+            vectors = vectors.copy()
+        # Window before cache: a lookup that misses the cache after this point finds the row
+        # here, and a fill applied later on this thread is checked against it.
+        st.window.add(keys, versions, vectors, partitions, offsets)
+        if st.spec.insert_on_update:
+            st.cache.upsert(keys, vectors, versions)
+        else:
+            st.cache.update_if_present(keys, vectors, versions)
+        st.rows += n
+        self.counters.rows += n
+
+    def _apply_fills(self) -> None:
+        while True:
+            try:
+                f = self.fills.get_nowait()
+            except queue.Empty:
+                return
+            st = self.tables[f.table]
+            if st.window.epoch != f.epoch:
+                # Rows left the window since the lookup read it: what it read from LMDB may be
+                # older than a row that went from the window to LMDB meanwhile. The next miss
+                # reads again.
+                self.counters.fills_dropped += 1
+                continue
+            wv, wver, found = st.window.get(f.keys)
+            newer = found & (wver > f.versions)
+            if newer.any():
+                f.vectors[newer] = wv[newer]
+                f.versions[newer] = wver[newer]
+            st.cache.upsert(f.keys, f.vectors, f.versions)
+            self.counters.fills_applied += 1
+
+    def _dense(self, m: Any) -> None:
+        try:
+            dec = wire.decode(m.value())
+        except WireError:
+            self.dlq.send(m, "undecodable")
+            return
+        if not dec.is_dense:
+            self.dlq.send(m, "unknown_table")
+            return
+        if dec.version <= 0:
+            self.dlq.send(m, "version_not_positive")
+            return
+        if self.dense is not None and dec.version <= self.dense[0]:
+            return
+        self.dense = (dec.version, dec.tensors)
+        self.counters.dense_updates += 1
+        log.info("dense model version %d received (%d tensors)", dec.version, len(dec.tensors))
+        for cb in list(self.dense_callbacks):
+            try:
+                cb(dec.version, dec.tensors)
+            except Exception:  # noqa: BLE001 - a bad callback must not stop ingestion
+                log.exception("dense-model callback %r failed", cb)
+
+    def _kafka_error(self, err: Any) -> None:
+        self.counters.kafka_errors += 1
+        now = time.monotonic()
+        if now - self._last_error_log > 5.0:
+            self._last_error_log = now
+            log.warning("worker consumer error: %s", err)
+
+    # ---------------------------------------------------------------- latency samples
+
+    def _record_latency(self, seconds: np.ndarray) -> None:
+        with self._lat_lock:
+            n = seconds.shape[0]
+            idx = (self._lat_n + np.arange(n)) % _LATENCY_SAMPLES
+            self._lat[idx] = seconds
+            self._lat_n += n
+
+    def latencies(self) -> np.ndarray:
+        with self._lat_lock:
+            return self._lat[: min(self._lat_n, _LATENCY_SAMPLES)].copy()
+
+    def reset_latencies(self) -> None:
+        with self._lat_lock:
+            self._lat_n = 0

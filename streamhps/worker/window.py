@@ -1,0 +1,174 @@
+"""The worker's window of recent rows: what it consumed that the LMDB tier may not hold yet.
+
+DESIGN.md invariant 3 (no stale resurrection): a worker that consumed version 2 of a key it
+did not cache, and later misses that key while the processor is still writing version 1 to
+LMDB, must serve version 2. So the worker keeps every row it consumed until the store's
+offsets show that the processor has written it, and a miss consults this window before LMDB
+(the higher version wins).
+
+Layout: one :class:`RecentRows` per table, a short tuple of immutable chunks in arrival order.
+Each chunk is sorted by key with one row per key (its highest version), plus each row's Kafka
+partition and offset. New chunks merge with their neighbour while it is at most twice their
+size (a log-structured merge: O(log n) chunks, O(log n) amortised copies per row), dropping
+rows the store already holds. A chunk whose rows are all below the store's offsets is dropped
+whole. The ingest thread is the only writer; readers take the tuple as a snapshot without a
+lock (copy-on-write).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Chunk(NamedTuple):
+    """Rows sorted by key, unique keys, each with the offset of the message it came from."""
+
+    keys: np.ndarray  # int64 [n], sorted, unique
+    versions: np.ndarray  # int64 [n]
+    vectors: np.ndarray  # [n, dim]
+    partitions: np.ndarray  # int32 [n]
+    offsets: np.ndarray  # int64 [n]
+    max_offset: np.ndarray  # int64 [table partitions]: newest offset per partition, -1 if none
+
+    @property
+    def rows(self) -> int:
+        return int(self.keys.shape[0])
+
+
+def latest_per_key(
+    keys: np.ndarray, versions: np.ndarray, *columns: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Keep one row per key, the highest version (the later one on ties); sorted by key.
+
+    Returns ``(keys, versions, [column[selected] for column in columns])``.
+    """
+    n = keys.shape[0]
+    if n == 0:
+        return keys, versions, list(columns)
+    # lexsort is stable: among equal (key, version) the later row stays last.
+    order = np.lexsort((versions, keys))
+    ks = keys[order]
+    last = np.empty(n, dtype=bool)
+    last[-1] = True
+    np.not_equal(ks[1:], ks[:-1], out=last[:-1])
+    sel = order[last]
+    return keys[sel], versions[sel], [c[sel] for c in columns]
+
+
+class RecentRows:
+    """Rows of one table consumed by this worker and possibly not yet in LMDB."""
+
+    def __init__(self, dim: int, dtype: np.dtype, partitions: int) -> None:
+        self.dim = dim
+        self.dtype = np.dtype(dtype)
+        self.partitions = partitions
+        self._chunks: tuple[Chunk, ...] = ()
+        # Next offset the store holds per partition; 0 = none, so nothing is pruned.
+        self._store_next = np.zeros(partitions, dtype=np.int64)
+        self.epoch = 0  # grows whenever rows leave the window (readers use it to detect races)
+
+    # ---------------------------------------------------------------- writer (ingest thread)
+
+    def add(
+        self,
+        keys: np.ndarray,
+        versions: np.ndarray,
+        vectors: np.ndarray,
+        partitions: np.ndarray,
+        offsets: np.ndarray,
+    ) -> None:
+        """Add rows already reduced by :func:`latest_per_key` (sorted, one row per key)."""
+        if keys.shape[0] == 0:
+            return
+        max_off = np.full(self.partitions, -1, dtype=np.int64)
+        np.maximum.at(max_off, partitions, offsets)
+        chunks = [
+            *self._chunks,
+            Chunk(keys, versions, vectors, partitions.astype(np.int32), offsets, max_off),
+        ]
+        while len(chunks) >= 2 and chunks[-2].rows <= 2 * chunks[-1].rows:
+            merged = self._merge(chunks[-2], chunks[-1])
+            chunks[-2:] = [merged] if merged is not None else []
+        self._chunks = tuple(chunks)
+
+    def prune(self, store_next: np.ndarray) -> int:
+        """Forget rows the store holds (``offset < store_next[partition]``); returns chunks dropped."""
+        self._store_next = np.asarray(store_next, dtype=np.int64)
+        keep = tuple(c for c in self._chunks if not bool(np.all(c.max_offset < self._store_next)))
+        dropped = len(self._chunks) - len(keep)
+        if dropped:
+            self._chunks = keep
+            self.epoch += 1
+        return dropped
+
+    def clear(self) -> None:
+        self._chunks = ()
+        self.epoch += 1
+
+    def _merge(self, older: Chunk, newer: Chunk) -> Chunk | None:
+        keys = np.concatenate([older.keys, newer.keys])
+        versions = np.concatenate([older.versions, newer.versions])
+        vectors = np.concatenate([older.vectors, newer.vectors])
+        parts = np.concatenate([older.partitions, newer.partitions])
+        offs = np.concatenate([older.offsets, newer.offsets])
+        live = offs >= self._store_next[parts]
+        if not live.all():
+            self.epoch += 1
+            keys, versions, vectors, parts, offs = (
+                keys[live],
+                versions[live],
+                vectors[live],
+                parts[live],
+                offs[live],
+            )
+        if keys.shape[0] == 0:
+            return None
+        keys, versions, (vectors, parts, offs) = latest_per_key(
+            keys, versions, vectors, parts, offs
+        )
+        max_off = np.full(self.partitions, -1, dtype=np.int64)
+        np.maximum.at(max_off, parts, offs)
+        return Chunk(keys, versions, vectors, parts, offs, max_off)
+
+    # ---------------------------------------------------------------- readers (any thread)
+
+    def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Newest row per key in the window: ``(vectors [n, dim], versions [n], found [n])``.
+
+        Versions are 0 and vectors zero where not found.
+        """
+        chunks = self._chunks  # snapshot
+        n = keys.shape[0]
+        best_v = np.zeros(n, dtype=np.int64)
+        best_c = np.full(n, -1, dtype=np.int64)
+        best_r = np.zeros(n, dtype=np.int64)
+        for ci, c in enumerate(chunks):
+            if c.rows == 0:
+                continue
+            idx = np.searchsorted(c.keys, keys)
+            np.minimum(idx, c.rows - 1, out=idx)
+            better = (c.keys[idx] == keys) & (c.versions[idx] > best_v)
+            if better.any():
+                best_v[better] = c.versions[idx[better]]
+                best_c[better] = ci
+                best_r[better] = idx[better]
+        vectors = np.zeros((n, self.dim), dtype=self.dtype)
+        for ci, c in enumerate(chunks):
+            sel = best_c == ci
+            if sel.any():
+                vectors[sel] = c.vectors[best_r[sel]]
+        return vectors, best_v, best_c >= 0
+
+    @property
+    def rows(self) -> int:
+        return sum(c.rows for c in self._chunks)
+
+    @property
+    def chunks(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.vectors.nbytes + c.rows * 28 for c in self._chunks)

@@ -1,0 +1,99 @@
+"""The window of consumed rows LMDB may not hold yet (invariant 3's memory)."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamhps.worker.window import RecentRows, latest_per_key
+
+
+def _add(w: RecentRows, keys, versions, part: int, offset: int) -> None:
+    keys = np.asarray(keys, dtype=np.int64)
+    versions = np.asarray(versions, dtype=np.int64)
+    vec = np.repeat(versions[:, None].astype(np.float32), w.dim, axis=1)
+    k, v, (vec, p, o) = latest_per_key(
+        keys,
+        versions,
+        vec,
+        np.full(keys.shape[0], part, np.int32),
+        np.full(keys.shape[0], offset, np.int64),
+    )
+    w.add(k, v, vec, p, o)
+
+
+def test_latest_per_key_keeps_highest_version_sorted() -> None:
+    keys = np.array([5, 3, 5, 3, 9], dtype=np.int64)
+    versions = np.array([2, 7, 4, 1, 1], dtype=np.int64)
+    k, v, (tag,) = latest_per_key(keys, versions, np.arange(5))
+    assert k.tolist() == [3, 5, 9]
+    assert v.tolist() == [7, 4, 1]
+    assert tag.tolist() == [1, 2, 4]
+
+
+def test_get_returns_newest_version_across_chunks() -> None:
+    w = RecentRows(dim=2, dtype=np.float32, partitions=2)
+    _add(w, [1, 2, 3], [5, 5, 5], part=0, offset=10)
+    _add(w, [2], [9], part=0, offset=11)
+    _add(w, [3], [4], part=1, offset=3)  # older version arriving later: must not win
+    vec, ver, found = w.get(np.array([1, 2, 3, 4], dtype=np.int64))
+    assert found.tolist() == [True, True, True, False]
+    assert ver.tolist() == [5, 9, 5, 0]
+    assert vec[:, 0].tolist() == [5, 9, 5, 0]
+
+
+def test_prune_drops_only_rows_the_store_holds() -> None:
+    w = RecentRows(dim=1, dtype=np.float32, partitions=2)
+    _add(w, np.arange(100), np.full(100, 1), part=0, offset=5)
+    _add(w, np.arange(100, 110), np.full(10, 2), part=1, offset=7)
+    epoch = w.epoch
+    w.prune(np.array([6, 0]))  # the store holds partition 0 up to offset 5, nothing of partition 1
+    vec, ver, found = w.get(np.array([0, 105], dtype=np.int64))
+    # rows merged into one chunk with partition 1 stay until all of the chunk is stored
+    assert found[1]
+    w.prune(np.array([6, 8]))
+    assert w.rows == 0
+    assert w.epoch > epoch
+    assert not w.get(np.array([0, 105], dtype=np.int64))[2].any()
+
+
+def test_chunk_count_stays_logarithmic() -> None:
+    w = RecentRows(dim=1, dtype=np.float32, partitions=1)
+    for i in range(1000):
+        _add(w, [i, i + 1], [i + 1, i + 1], part=0, offset=i)
+    assert w.chunks <= 12
+    _, ver, found = w.get(np.array([0, 500, 1000], dtype=np.int64))
+    assert found.all()
+    assert ver.tolist() == [1, 501, 1000]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.lists(st.integers(0, 40), min_size=1, max_size=8), st.integers(1, 50)),
+        min_size=1,
+        max_size=30,
+    ),
+    st.integers(0, 30),
+)
+def test_window_matches_a_dict_model(
+    batches: list[tuple[list[int], int]], stored_upto: int
+) -> None:
+    """Whatever the merge pattern, get() == the newest version among rows not yet stored."""
+    w = RecentRows(dim=1, dtype=np.float32, partitions=1)
+    model: dict[int, tuple[int, int]] = {}  # key -> (version, offset)
+    for off, (keys, version) in enumerate(batches):
+        _add(w, keys, [version] * len(keys), part=0, offset=off)
+        for k in keys:
+            if k not in model or model[k][0] <= version:
+                model[k] = (version, off)
+    w.prune(np.array([stored_upto]))
+    q = np.arange(41, dtype=np.int64)
+    _, ver, found = w.get(q)
+    for k in range(41):
+        if found[k]:
+            assert k in model and ver[k] == model[k][0], k  # never anything but the newest
+        elif k in model:
+            # absent only if the newest row of the key is in the store already
+            assert model[k][1] < stored_upto, k
