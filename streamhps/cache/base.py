@@ -1,0 +1,285 @@
+"""The embedding-cache interface shared by the ``numpy`` and ``cuda`` backends.
+
+Layout (both backends, so that eviction behaves the same on both): a set-associative table of
+``capacity / SLOTS_PER_BUCKET`` buckets of 32 slots each (HugeCTR/HKV style). A key's bucket
+comes from a splitmix64 hash of the key (``bucket_of``); a key lives in one slot of its
+bucket or nowhere. Each slot holds the key, its row, its version, its eviction score and the
+id of the last operation that wrote it.
+
+Semantics every backend implements (the shared test suite in ``tests/cache`` proves them):
+
+* ``lookup`` returns rows and a hit mask; missed rows are zeros. Duplicate keys inside one
+  lookup read the same row and count once towards LFU frequency.
+* ``upsert`` applies a row only if its version is newer than the resident one (a version never
+  goes back); duplicate keys inside one call: the highest version wins. Absent keys are
+  inserted: into an empty slot of their bucket, else over the eligible slot with the lowest
+  ``(score, key)``. A slot written earlier in the same call is never evicted by that call; if a
+  bucket runs out of eligible slots inside one call the extra rows are dropped and counted.
+* Scores: ``lru`` = the operation clock of the last insert or lookup hit; ``lfu`` =
+  ``(lookup count << 32) | clock`` (frequency, ties broken by recency). Updates of resident rows
+  do not change the score: the stream refreshing a row does not make it hot.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from typing import Any
+
+import numpy as np
+
+from streamhps.errors import CacheError
+
+SLOTS_PER_BUCKET = 32
+POLICIES = ("lru", "lfu")
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+
+_C1 = np.uint64(0xBF58476D1CE4E5B9)
+_C2 = np.uint64(0x94D049BB133111EB)
+_LOW32 = np.uint64(0xFFFFFFFF)
+
+# bytes per slot besides the row: key 8, version 8, score 8, last-write op 4, occupancy/digest 1
+SLOT_OVERHEAD_BYTES = 29
+
+
+def buckets_for(rows: int) -> int:
+    """Number of buckets for a requested capacity (capacity rounds up to whole buckets)."""
+    return max(1, -(-int(rows) // SLOTS_PER_BUCKET))
+
+
+def storage_dtype(dtype: Any) -> np.dtype[Any]:
+    """The numpy dtype for a cache dtype name or dtype; CacheError for anything else."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as e:
+        raise CacheError(f"cache dtype {dtype!r} is not a dtype; use 'float32' or 'float16'") from e
+    if dt.name not in DTYPES:
+        raise CacheError(f"cache dtype {dt.name!r} is not supported; use 'float32' or 'float16'")
+    return dt
+
+
+def memory_estimate(rows: int, dim: int, dtype: Any = "float32", backend: str = "cuda") -> int:
+    """Bytes a cache of ``rows`` rows of ``dim`` values will allocate (device memory for
+    ``cuda``, host memory for ``numpy``), before allocating anything."""
+    if backend not in ("numpy", "cuda"):
+        raise CacheError(f"unknown cache backend {backend!r}; use 'numpy' or 'cuda'")
+    if int(rows) < 1 or int(dim) < 1:
+        raise CacheError(f"cache needs rows >= 1 and dim >= 1, got rows={rows}, dim={dim}")
+    nb = buckets_for(rows)
+    slots = nb * SLOTS_PER_BUCKET
+    row_bytes = int(dim) * storage_dtype(dtype).itemsize
+    total = slots * (row_bytes + SLOT_OVERHEAD_BYTES)
+    if backend == "cuda":
+        total += nb * 4 + 64  # a spin lock per bucket, the device counters
+    return total
+
+
+def hash_keys(keys: np.ndarray, n_buckets: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket, digest) per key: splitmix64 of the key bits; the CUDA kernels compute the same.
+
+    bucket = ((h & 0xffffffff) * n_buckets) >> 32; digest = h >> 56, with 0 mapped to 1 (a zero
+    digest marks an empty slot on the GPU).
+    """
+    h = keys.view(np.uint64).copy()
+    h ^= h >> np.uint64(30)
+    h *= _C1
+    h ^= h >> np.uint64(27)
+    h *= _C2
+    h ^= h >> np.uint64(31)
+    bucket = ((h & _LOW32) * np.uint64(n_buckets)) >> np.uint64(32)
+    digest = (h >> np.uint64(56)).astype(np.uint8)
+    digest[digest == 0] = 1
+    return bucket.astype(np.int64), digest
+
+
+class EmbeddingCache(abc.ABC):
+    """A fixed-capacity cache of embedding rows keyed by int64, with a version per row.
+
+    Thread safety: every public operation runs under one lock, so a lookup never observes a
+    row half-written by a concurrent upsert (the CUDA backend also orders all its kernels on
+    one stream). Backends implement the ``_``-prefixed methods on validated arrays.
+    """
+
+    backend: str = ""
+
+    def __init__(self, capacity: int, dim: int, dtype: Any = "float32", policy: str = "lru"):
+        if int(capacity) < 1:
+            raise CacheError(f"cache capacity must be >= 1 row, got {capacity}")
+        if int(dim) < 1:
+            raise CacheError(f"cache dim must be >= 1, got {dim}")
+        if policy not in POLICIES:
+            raise CacheError(f"cache policy {policy!r} is unknown; use 'lru' or 'lfu'")
+        self.n_buckets = buckets_for(capacity)
+        self.capacity = self.n_buckets * SLOTS_PER_BUCKET
+        self.dim = int(dim)
+        self.dtype = storage_dtype(dtype)
+        self.policy = policy
+        self._lock = threading.RLock()
+        self._clock = 0  # operation counter: LRU time, LFU recency, "written by this call"
+        self._size = 0
+        self._looked_up = 0  # lookup positions served; misses = this - hits
+        self._counts = dict.fromkeys(
+            (
+                "inserts",
+                "updates",
+                "evictions",
+                "stale_rejected",
+                "dropped",
+                "removed",
+            ),
+            0,
+        )
+
+    memory_estimate = staticmethod(memory_estimate)
+
+    # ----------------------------------------------------------------- public API
+    def lookup(self, keys: Any) -> tuple[Any, Any]:
+        """(values [n, dim], hit [n] bool) for ``keys``; missed rows are zeros. Hits refresh
+        their eviction score."""
+        with self._lock:
+            k = self._keys(keys)
+            self._clock += 1
+            self._looked_up += int(k.shape[0])
+            return self._lookup(k, self._clock)
+
+    def get_versions(self, keys: Any) -> tuple[Any, Any]:
+        """(versions [n] int64, 0 on a miss; hit [n] bool), without touching eviction scores."""
+        with self._lock:
+            return self._get_versions(self._keys(keys))
+
+    def upsert(self, keys: Any, values: Any, versions: Any) -> int:
+        """Apply rows newer than the resident version, inserting absent keys (evicting by score
+        when the bucket is full). Returns how many distinct keys changed."""
+        with self._lock:
+            k, v, ver = self._rows(keys, values, versions)
+            self._clock += 1
+            return self._count(self._upsert(k, v, ver, self._clock, insert=True), len(k))
+
+    def update_if_present(self, keys: Any, values: Any, versions: Any) -> int:
+        """Like ``upsert`` but never inserts: absent keys are ignored. Returns keys changed."""
+        with self._lock:
+            k, v, ver = self._rows(keys, values, versions)
+            self._clock += 1
+            return self._count(self._upsert(k, v, ver, self._clock, insert=False), len(k))
+
+    def evict(self, keys: Any) -> int:
+        """Remove ``keys``; returns how many distinct keys were present."""
+        with self._lock:
+            removed = int(self._evict(self._keys(keys)))
+            self._size -= removed
+            self._counts["removed"] += removed
+            return removed
+
+    def clear(self) -> None:
+        """Drop every row (statistics other than size are kept)."""
+        with self._lock:
+            self._clear()
+            self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def stats(self) -> dict[str, Any]:
+        """Counters since creation: hits/misses count lookup positions, inserts/updates/
+        evictions count rows, stale_rejected counts input rows not applied (older or equal
+        version, or superseded by a newer duplicate), dropped counts inserts that found no
+        evictable slot in their bucket within one call."""
+        with self._lock:
+            out: dict[str, Any] = {
+                "backend": self.backend,
+                "capacity": self.capacity,
+                "size": self._size,
+                "dim": self.dim,
+                "dtype": self.dtype.name,
+                "policy": self.policy,
+                "memory_bytes": self.memory_bytes,
+            }
+            hits = self._hits_total()
+            out["hits"] = hits
+            out["misses"] = self._looked_up - hits
+            out.update(self._counts)
+            return out
+
+    @property
+    def memory_bytes(self) -> int:
+        return memory_estimate(self.capacity, self.dim, self.dtype, self.backend)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(capacity={self.capacity}, dim={self.dim}, "
+            f"dtype={self.dtype.name}, policy={self.policy!r}, size={self._size})"
+        )
+
+    # ----------------------------------------------------------------- for backends
+    def _count(self, c: dict[str, int], n_rows: int) -> int:
+        inserted = c["inserted_empty"] + c["evictions"]
+        applied = inserted + c["updates"]
+        self._size += c["inserted_empty"]
+        self._counts["inserts"] += inserted
+        self._counts["updates"] += c["updates"]
+        self._counts["evictions"] += c["evictions"]
+        self._counts["dropped"] += c["dropped"]
+        self._counts["stale_rejected"] += n_rows - applied - c["dropped"] - c["absent"]
+        return applied
+
+    @abc.abstractmethod
+    def _hits_total(self) -> int:
+        """Lookup positions that hit, since creation."""
+
+    def _keys(self, keys: Any) -> Any:
+        return self._check_keys(self._as_array(keys), "keys")
+
+    def _rows(self, keys: Any, values: Any, versions: Any) -> tuple[Any, Any, Any]:
+        k = self._check_keys(self._as_array(keys), "keys")
+        v = self._as_array(values)
+        ver = self._as_array(versions)
+        n = k.shape[0]
+        if v.ndim != 2 or v.shape != (n, self.dim):
+            raise CacheError(
+                f"values must have shape ({n}, {self.dim}) for {n} keys of a dim-{self.dim} "
+                f"cache, got {tuple(v.shape)}"
+            )
+        if v.dtype.kind != "f":
+            raise CacheError(f"values must be floating point, got dtype {v.dtype}")
+        if ver.ndim != 1 or ver.shape[0] != n:
+            raise CacheError(f"versions must have shape ({n},) to match keys, got {ver.shape}")
+        if ver.dtype.kind not in "iu":
+            raise CacheError(f"versions must be integers (int64), got dtype {ver.dtype}")
+        ver = ver.astype(np.int64, copy=False)
+        if n and bool((ver <= 0).any()):
+            raise CacheError("versions must be > 0; this call was refused and changed nothing")
+        return k, self._contiguous(v.astype(self.dtype, copy=False)), self._contiguous(ver)
+
+    def _check_keys(self, k: Any, what: str) -> Any:
+        if k.ndim != 1:
+            raise CacheError(f"{what} must be a 1-D array of int64, got shape {tuple(k.shape)}")
+        if k.dtype.kind not in "iu":
+            raise CacheError(f"{what} must be integers (int64), got dtype {k.dtype}")
+        if k.dtype.itemsize == 8:
+            return self._contiguous(k).view(np.int64)  # uint64 ids keep their bits
+        return self._contiguous(k.astype(np.int64))
+
+    @abc.abstractmethod
+    def _as_array(self, a: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def _contiguous(self, a: Any) -> Any: ...
+
+    @abc.abstractmethod
+    def _lookup(self, keys: Any, clock: int) -> tuple[Any, Any]: ...
+
+    @abc.abstractmethod
+    def _get_versions(self, keys: Any) -> tuple[Any, Any]: ...
+
+    @abc.abstractmethod
+    def _upsert(
+        self, keys: Any, values: Any, versions: Any, clock: int, insert: bool
+    ) -> dict[str, int]:
+        """Returns counts: inserted_empty, evictions, updates, dropped, absent (input rows whose
+        key was absent and not inserted: update_if_present only)."""
+
+    @abc.abstractmethod
+    def _evict(self, keys: Any) -> int: ...
+
+    @abc.abstractmethod
+    def _clear(self) -> None: ...

@@ -1,0 +1,107 @@
+"""Eviction: one bucket (capacity 32) makes the policy global, so results are exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cache_helpers import host, rows_for
+
+from streamhps.cache import SLOTS_PER_BUCKET
+
+B = SLOTS_PER_BUCKET
+
+
+def fill(cache, keys, version=1):
+    keys = np.asarray(keys, dtype=np.int64)
+    vers = np.full(len(keys), version, dtype=np.int64)
+    return cache.upsert(keys, rows_for(keys, vers, cache.dim), vers)
+
+
+def resident(cache, keys):
+    return host(cache.get_versions(np.asarray(keys, dtype=np.int64))[1])
+
+
+def test_lru_evicts_least_recently_used_then_lowest_key(new_cache):
+    cache = new_cache(capacity=B, dim=4, policy="lru")
+    assert cache.capacity == B
+    fill(cache, range(B))
+    cache.lookup(np.arange(16))  # 0..15 used after the fill
+    assert fill(cache, [100]) == 1
+    assert resident(cache, [16]).tolist() == [False]  # oldest score, lowest key
+    assert fill(cache, [200, 201]) == 2
+    assert resident(cache, [17, 18]).tolist() == [False, False]
+    assert resident(cache, range(16)).all() and resident(cache, [100, 200, 201]).all()
+    s = cache.stats()
+    assert (s["size"], s["evictions"], s["inserts"]) == (B, 3, B + 3)
+    out, hit = cache.lookup(np.array([100, 201], dtype=np.int64))
+    np.testing.assert_array_equal(host(out), rows_for(np.array([100, 201]), np.array([1, 1]), 4))
+
+
+def test_updates_do_not_refresh_the_score(new_cache):
+    cache = new_cache(capacity=B, dim=4, policy="lru")
+    fill(cache, range(B))
+    cache.lookup(np.arange(1, B))
+    fill(cache, [0], version=5)  # a stream update of key 0: not a use
+    fill(cache, [1000])
+    assert resident(cache, [0, 1000]).tolist() == [False, True]
+
+
+def test_lfu_counts_each_key_once_per_lookup(new_cache):
+    cache = new_cache(capacity=B, dim=4, policy="lfu")
+    fill(cache, range(B))
+    cache.lookup(np.arange(B))  # every key: count 1
+    cache.lookup(np.array([16, 16, 16]))  # 16: count 2 (once per call)
+    cache.lookup(np.arange(17, B))  # 17..31: count 2, more recent than 16
+    cache.lookup(np.array([17]))  # 17: count 3
+    fill(cache, range(100, 116))  # evicts 0..15 (count 1)
+    assert not resident(cache, range(16)).any()
+    cache.lookup(np.arange(100, 116))  # new rows start at count 1: lift them to 3
+    cache.lookup(np.arange(100, 116))
+    fill(cache, [500])  # 16 and 18..31 have count 2; 16 is the least recent
+    assert resident(cache, [16, 17, 18, 500]).tolist() == [False, True, True, True]
+
+
+def test_rows_written_in_a_call_are_not_evicted_by_it_and_overflow_is_dropped(new_cache):
+    cache = new_cache(capacity=B, dim=4)
+    keys = np.arange(1000, 1000 + B + 8)
+    assert fill(cache, keys) == B
+    s = cache.stats()
+    assert (s["size"], s["dropped"], s["evictions"]) == (B, 8, 0)
+    assert int(resident(cache, keys).sum()) == B
+    # an update and inserts in one call: the updated row survives the inserts
+    present = keys[resident(cache, keys)]
+    newer = np.concatenate([present[:1], np.arange(5000, 5000 + B - 1)])
+    vers = np.full(len(newer), 2)
+    assert cache.upsert(newer, rows_for(newer, vers, 4), vers) == B
+    assert resident(cache, newer).all()
+
+
+def test_stale_update_leaves_key_evictable(new_cache):
+    cache = new_cache(capacity=B, dim=4)
+    fill(cache, range(B), version=5)
+    cache.lookup(np.arange(1, B))
+    k = np.array([0, 777])
+    vers = np.array([3, 1])  # stale for 0, so 0 is not "written by this call"
+    assert cache.upsert(k, rows_for(k, vers, 4), vers) == 1
+    assert resident(cache, [0, 777]).tolist() == [False, True]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_many_buckets_never_exceed_capacity_and_keep_fresh_rows(new_cache, policy):
+    cache = new_cache(capacity=512, dim=8, policy=policy)
+    rng = np.random.default_rng(1)
+    for version in range(1, 31):
+        keys = np.unique(rng.integers(0, 5000, size=100))
+        vers = np.full(len(keys), version)
+        cache.upsert(keys, rows_for(keys, vers, 8), vers)
+        assert resident(cache, keys).all()  # just inserted: nothing of this call is evicted
+        cache.lookup(rng.integers(0, 5000, size=200))
+        assert len(cache) <= cache.capacity
+    s = cache.stats()
+    assert s["size"] == len(cache) == s["inserts"] - s["evictions"]
+    assert s["evictions"] > 0 and s["dropped"] == 0
+    out, hit = cache.lookup(np.arange(5000))
+    hit = host(hit)
+    assert int(hit.sum()) == len(cache)
+    v, _ = cache.get_versions(np.arange(5000)[hit])
+    np.testing.assert_array_equal(host(out)[hit], rows_for(np.arange(5000)[hit], host(v), 8))
