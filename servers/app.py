@@ -1,0 +1,704 @@
+"""HTTP front end over one :class:`~streamhps.worker.InferenceWorker` plus the dense model.
+
+Read-only by construction: no route writes a row (DESIGN.md invariant 8). Routes::
+
+    GET  /             status page (live charts, polls /v1/history)
+    GET  /healthz      200 while the process serves HTTP
+    GET  /readyz       200 when the worker is within its staleness bound, else 503 + reason
+    GET  /metrics      Prometheus text format
+    GET  /v1/status    worker state: readiness, staleness per partition, stats, dense version
+    GET  /v1/history   one sample per second for the status page (?seconds=N)
+    POST /v1/lookup    JSON {"table", "keys", "consistency"?} -> {"vectors": [[...]], ...}
+                       or binary: body = little-endian int64 keys, ?table=NAME[&consistency=]
+                       -> raw [n, dim] bytes, headers X-Streamhps-Dtype / X-Streamhps-Shape
+    POST /v1/predict   JSON {"features": {table: [ids]}, "dense": [[...]]?} -> {"scores": [...]}
+
+Errors are JSON ``{"error": {"type": <streamhps exception name>, "message": ...}}`` with a 4xx
+status for a bad request (400 malformed, 404 unknown table or key, 413 too many keys,
+415 wrong content type) and 503 for a stale worker or a missing dense model.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import threading
+import time
+from collections import deque
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from servers.model import DenseModel
+from servers.status_page import PAGE
+from streamhps.config import Config
+from streamhps.errors import (
+    MissingKeyError,
+    StaleReadError,
+    StreamHPSError,
+    UnknownTableError,
+    ValidationError,
+)
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+MAX_BODY_BYTES = 64 << 20
+CONSISTENCY = ("eventual", "bounded")
+
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("GET",),
+    "/healthz": ("GET",),
+    "/readyz": ("GET",),
+    "/metrics": ("GET",),
+    "/v1/status": ("GET",),
+    "/v1/history": ("GET",),
+    "/v1/lookup": ("POST",),
+    "/v1/predict": ("POST",),
+}
+
+
+class HTTPError(Exception):
+    """A request the server refuses: ``status`` and a message that says what was wrong."""
+
+    def __init__(self, status: int, message: str, kind: str = "BadRequest") -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+class Histogram:
+    """A Prometheus histogram (cumulative buckets), thread-safe."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+        self.count = 0
+        self._lock = threading.Lock()
+
+    def observe(self, v: float) -> None:
+        i = bisect.bisect_left(self.buckets, v)
+        with self._lock:
+            self.counts[i] += 1
+            self.sum += v
+            self.count += 1
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        with self._lock:
+            counts, total, n = list(self.counts), self.sum, self.count
+        out, acc = [], 0
+        sep = "," if labels else ""
+        for le, c in zip((*self.buckets, float("inf")), counts, strict=True):
+            acc += c
+            le_s = "+Inf" if le == float("inf") else repr(le)
+            out.append(f'{name}_bucket{{{labels}{sep}le="{le_s}"}} {acc}')
+        out.append(f"{name}_sum{{{labels}}} {total}" if labels else f"{name}_sum {total}")
+        out.append(f"{name}_count{{{labels}}} {n}" if labels else f"{name}_count {n}")
+        return out
+
+
+def _stat(d: Any, *names: str) -> float | None:
+    """First of ``names`` found in a (possibly nested) stats dict, summed over nesting."""
+    if not isinstance(d, dict):
+        return None
+    for n in names:
+        if n in d and isinstance(d[n], (int, float)) and not isinstance(d[n], bool):
+            return float(d[n])
+    found = [
+        v for v in (_stat(x, *names) for x in d.values() if isinstance(x, dict)) if v is not None
+    ]
+    return float(sum(found)) if found else None
+
+
+class InferenceServer:
+    """Serves one worker over HTTP. ``start()`` runs it on a background thread.
+
+    ``worker`` needs ``lookup``, ``ready``, ``not_ready_reason``, ``staleness``, ``stats``,
+    ``dense_model`` and ``on_dense`` (the :class:`~streamhps.worker.InferenceWorker` interface).
+    """
+
+    def __init__(
+        self,
+        worker: Any,
+        config: Config,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        history_seconds: int = 900,
+        sample_interval: float = 1.0,
+    ) -> None:
+        self.worker = worker
+        self.config = config
+        self.tables = {t.name: t for t in config.tables}
+        self.max_keys = int(config.serving.max_lookup_keys)
+        self._model: DenseModel | None = None
+        self._model_error: str | None = None
+        self._swap_lock = threading.Lock()
+        self.latency = {t: Histogram(LATENCY_BUCKETS) for t in self.tables}
+        self.predict_latency = Histogram(LATENCY_BUCKETS)
+        self.counters = {
+            "lookups": 0,
+            "lookup_keys": 0,
+            "predicts": 0,
+            "predict_rows": 0,
+            "errors": 0,
+        }
+        self._counter_lock = threading.Lock()
+        self.history: deque[dict[str, Any]] = deque(
+            maxlen=int(history_seconds / sample_interval) + 1
+        )
+        self.sample_interval = sample_interval
+        self._last_sample: (
+            tuple[float, dict[str, float], dict[str, int], dict[str, tuple[float, float]]] | None
+        ) = None
+        self._started = time.time()
+        self._stop = threading.Event()
+        self.httpd = ThreadingHTTPServer((host, port), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.app = self  # type: ignore[attr-defined]
+        self._threads: list[threading.Thread] = []
+        worker.on_dense(self._on_dense)
+        current = worker.dense_model()
+        if current is not None:
+            self._on_dense(*current)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def port(self) -> int:
+        return int(self.httpd.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = self.httpd.server_address[0]
+        return f"http://{host!s}:{self.port}"
+
+    def start(self) -> InferenceServer:
+        for target, name in ((self.httpd.serve_forever, "http"), (self._sampler, "sampler")):
+            t = threading.Thread(target=target, name=f"streamhps-server-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("inference server listening on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        for t in self._threads:
+            t.join(5)
+
+    def __enter__(self) -> InferenceServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ dense model
+
+    def _on_dense(self, version: int, state: dict[str, np.ndarray]) -> None:
+        try:
+            model = DenseModel(state, list(self.tables), version)
+        except ValidationError as e:
+            self._model_error = str(e)
+            log.error("dense update v%s refused: %s", version, e)
+            return
+        with self._swap_lock:
+            if self._model is None or model.version >= self._model.version:
+                self._model = model  # one reference swap: a request sees the old or the new model
+                self._model_error = None
+        log.info("dense model v%d in service", model.version)
+
+    @property
+    def model(self) -> DenseModel | None:
+        return self._model
+
+    # ------------------------------------------------------------------ handlers
+
+    def _count(self, **inc: int) -> None:
+        with self._counter_lock:
+            for k, v in inc.items():
+                self.counters[k] += v
+
+    def _table(self, name: Any) -> str:
+        if not isinstance(name, str):
+            raise HTTPError(
+                400, f"'table' must be a string naming a table, got {type(name).__name__}"
+            )
+        if name not in self.tables:
+            raise HTTPError(
+                404, f"unknown table {name!r}; tables: {sorted(self.tables)}", "UnknownTableError"
+            )
+        return name
+
+    def _consistency(self, c: Any) -> str:
+        if c is None:
+            return "eventual"
+        if c not in CONSISTENCY:
+            raise HTTPError(400, f"'consistency' must be one of {list(CONSISTENCY)}, got {c!r}")
+        return str(c)
+
+    def _keys(self, raw: Any, what: str = "keys") -> np.ndarray:
+        if not isinstance(raw, list):
+            raise HTTPError(
+                400, f"'{what}' must be a JSON array of integer ids, got {type(raw).__name__}"
+            )
+        if len(raw) > self.max_keys:
+            raise HTTPError(413, f"{len(raw)} {what} in one request; the limit is {self.max_keys}")
+        if not raw:
+            return np.empty(0, dtype=np.int64)
+        try:
+            a = np.asarray(raw)
+        except (ValueError, OverflowError) as e:
+            raise HTTPError(400, f"'{what}' must be a flat array of integer ids: {e}") from None
+        if a.ndim != 1 or a.dtype.kind not in "iu" or a.dtype == np.bool_:
+            bad = next((x for x in raw if isinstance(x, bool) or not isinstance(x, int)), raw[0])
+            raise HTTPError(
+                400, f"'{what}' must be integer ids (int64); found {bad!r} ({type(bad).__name__})"
+            )
+        if a.dtype == np.uint64:
+            return a.view(np.int64)  # ids above 2**63 keep their bit pattern, as in the publisher
+        return a.astype(np.int64, copy=False)
+
+    def lookup(self, table: str, keys: np.ndarray, consistency: str) -> np.ndarray:
+        t0 = time.perf_counter()
+        try:
+            out = self.worker.lookup(table, keys, consistency=consistency)
+        except MissingKeyError as e:
+            raise HTTPError(404, str(e), "MissingKeyError") from None
+        except StaleReadError as e:
+            raise HTTPError(503, str(e), "StaleReadError") from None
+        except UnknownTableError as e:
+            raise HTTPError(404, str(e), "UnknownTableError") from None
+        self.latency[table].observe(time.perf_counter() - t0)
+        self._count(lookups=1, lookup_keys=int(keys.size))
+        return np.asarray(out)
+
+    def handle_lookup_json(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise HTTPError(400, 'the body must be a JSON object {"table": ..., "keys": [...]}')
+        unknown = sorted(set(body) - {"table", "keys", "consistency"})
+        if unknown:
+            raise HTTPError(400, f"unknown field(s) {unknown}; allowed: table, keys, consistency")
+        if "table" not in body or "keys" not in body:
+            raise HTTPError(400, 'the body needs "table" and "keys"')
+        table = self._table(body["table"])
+        keys = self._keys(body["keys"])
+        vecs = self.lookup(table, keys, self._consistency(body.get("consistency")))
+        spec = self.tables[table]
+        return {"table": table, "dim": spec.dim, "dtype": spec.dtype, "vectors": vecs.tolist()}
+
+    def handle_lookup_binary(
+        self, query: dict[str, list[str]], body: bytes
+    ) -> tuple[np.ndarray, str]:
+        table = self._table(query["table"][0] if query.get("table") else None)
+        consistency = self._consistency(
+            query["consistency"][0] if query.get("consistency") else None
+        )
+        if len(body) % 8:
+            raise HTTPError(
+                400, f"binary body is {len(body)} bytes, not a multiple of 8 (int64 keys)"
+            )
+        if len(body) // 8 > self.max_keys:
+            raise HTTPError(
+                413, f"{len(body) // 8} keys in one request; the limit is {self.max_keys}"
+            )
+        keys = np.frombuffer(body, dtype="<i8").astype(np.int64, copy=False)
+        vecs = self.lookup(table, keys, consistency)
+        return np.ascontiguousarray(vecs), table
+
+    def handle_predict(self, body: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if not isinstance(body, dict) or "features" not in body:
+            raise HTTPError(
+                400, 'the body must be a JSON object {"features": {table: [ids]}, "dense": [[...]]}'
+            )
+        unknown = sorted(set(body) - {"features", "dense", "consistency"})
+        if unknown:
+            raise HTTPError(
+                400, f"unknown field(s) {unknown}; allowed: features, dense, consistency"
+            )
+        model = self._model
+        if model is None:
+            why = self._model_error or "no dense model has arrived from the trainer yet"
+            raise HTTPError(503, f"cannot predict: {why}", "NotReady")
+        feats = body["features"]
+        if not isinstance(feats, dict):
+            raise HTTPError(
+                400, "'features' must be an object mapping table name to an array of ids"
+            )
+        for name in feats:
+            self._table(name)
+        missing = [t for t in model.tables if t not in feats]
+        if missing:
+            raise HTTPError(
+                400,
+                f"'features' lacks ids for table(s) {missing}; the model uses {list(model.tables)}",
+            )
+        ids = {t: self._keys(feats[t], f"features.{t}") for t in model.tables}
+        sizes = {t: int(a.size) for t, a in ids.items()}
+        if len(set(sizes.values())) != 1:
+            raise HTTPError(400, f"every table needs one id per example; got lengths {sizes}")
+        n = next(iter(sizes.values()))
+        dense = body.get("dense")
+        if model.num_dense:
+            if dense is None:
+                raise HTTPError(
+                    400, f"'dense' is required: [n, {model.num_dense}] numbers per example"
+                )
+            try:
+                x = np.asarray(dense, dtype=np.float32)
+            except (ValueError, TypeError) as e:
+                raise HTTPError(
+                    400, f"'dense' must be an [n, {model.num_dense}] array of numbers: {e}"
+                ) from None
+            if x.shape != (n, model.num_dense):
+                raise HTTPError(
+                    400, f"'dense' has shape {list(x.shape)}; expected [{n}, {model.num_dense}]"
+                )
+            if not np.isfinite(x).all():
+                raise HTTPError(400, "'dense' contains NaN or Inf")
+        else:
+            x = np.zeros((n, 0), dtype=np.float32)
+        consistency = self._consistency(body.get("consistency"))
+        embs = [self.lookup(t, ids[t], consistency) for t in model.tables]
+        scores = model.predict(embs, x) if n else np.empty(0)
+        self.predict_latency.observe(time.perf_counter() - t0)
+        self._count(predicts=1, predict_rows=n)
+        return {"scores": scores.tolist(), "dense_version": model.version}
+
+    # ------------------------------------------------------------------ status and metrics
+
+    def _staleness(self) -> dict[str, dict[str, dict[str, float]]]:
+        raw = self.worker.staleness() or {}
+        return {str(t): {str(p): dict(v) for p, v in parts.items()} for t, parts in raw.items()}
+
+    def status(self) -> dict[str, Any]:
+        ready = bool(self.worker.ready())
+        model = self._model
+        return {
+            "ready": ready,
+            "reason": None if ready else self.worker.not_ready_reason(),
+            "max_staleness_s": self.config.serving.max_staleness_s,
+            "uptime_s": time.time() - self._started,
+            "tables": {
+                t.name: {
+                    "dim": t.dim,
+                    "dtype": t.dtype,
+                    "partitions": t.partitions,
+                    "missing": t.missing,
+                }
+                for t in self.config.tables
+            },
+            "staleness": self._staleness(),
+            "worker": _jsonable(self.worker.stats()),
+            "dense_model": model.describe() if model else None,
+            "dense_error": self._model_error,
+            "server": dict(self.counters),
+        }
+
+    def _sample(self) -> dict[str, Any]:
+        now = time.time()
+        stal = self._staleness()
+        stats = self.worker.stats() or {}
+        per_table = stats.get("tables", stats) if isinstance(stats, dict) else {}
+        rows: dict[str, float] = {}
+        looked: dict[str, tuple[float, float]] = {}
+        for t in self.tables:
+            ts = per_table.get(t, {}) if isinstance(per_table, dict) else {}
+            r = _stat(ts, "rows_applied", "rows")
+            rows[t] = r if r is not None else 0.0
+            looked[t] = (_stat(ts, "hits") or 0.0, _stat(ts, "misses") or 0.0)
+        with self._counter_lock:
+            counters = dict(self.counters)
+        sample: dict[str, Any] = {
+            "t": now,
+            "ready": bool(self.worker.ready()),
+            "staleness_s": {
+                t: max((p.get("seconds", 0.0) for p in ps.values()), default=0.0)
+                for t, ps in stal.items()
+            },
+            "versions_behind": {
+                t: max((p.get("versions_behind", 0) for p in ps.values()), default=0)
+                for t, ps in stal.items()
+            },
+            "applied_version": {
+                t: min((p.get("applied_version", 0) or 0 for p in ps.values()), default=0)
+                for t, ps in stal.items()
+            },
+            "hit_ratio": {},
+            "ingest_rows_per_s": {},
+            "dense_version": self._model.version if self._model else None,
+        }
+        if self._last_sample is not None:
+            t_prev, rows_prev, c_prev, looked_prev = self._last_sample
+            dt = max(now - t_prev, 1e-6)
+            # hit ratio of the lookups made since the last sample (None when there were none)
+            for t, (h, m) in looked.items():
+                dh = h - looked_prev.get(t, (0.0, 0.0))[0]
+                dm = m - looked_prev.get(t, (0.0, 0.0))[1]
+                sample["hit_ratio"][t] = dh / (dh + dm) if dh + dm > 0 else None
+            sample["ingest_rows_per_s"] = {
+                t: max(0.0, (rows[t] - rows_prev.get(t, 0.0)) / dt) for t in rows
+            }
+            sample["lookups_per_s"] = (counters["lookups"] - c_prev["lookups"]) / dt
+            sample["predicts_per_s"] = (counters["predicts"] - c_prev["predicts"]) / dt
+            sample["errors_per_s"] = (counters["errors"] - c_prev["errors"]) / dt
+        self._last_sample = (now, rows, counters, looked)
+        return sample
+
+    def _sampler(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.history.append(self._sample())
+            except Exception:  # noqa: BLE001 - a failed sample must not stop the charts
+                log.exception("status sample failed")
+            self._stop.wait(self.sample_interval)
+
+    def history_view(self, seconds: float) -> dict[str, Any]:
+        cutoff = time.time() - seconds
+        ready = bool(self.worker.ready())
+        return {
+            "ready": ready,
+            "reason": None if ready else self.worker.not_ready_reason(),
+            "max_staleness_s": self.config.serving.max_staleness_s,
+            "uptime_s": time.time() - self._started,
+            "dense_version": self._model.version if self._model else None,
+            "samples": [s for s in list(self.history) if s["t"] >= cutoff],
+        }
+
+    def metrics(self) -> str:
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_: str) -> None:
+            lines.append(f"# HELP {name} {help_}")
+            lines.append(f"# TYPE {name} {kind}")
+
+        stal = self._staleness()
+        for key, name, help_ in (
+            (
+                "seconds",
+                "streamhps_staleness_seconds",
+                "Seconds behind the stream head (publish time of the oldest unapplied message).",
+            ),
+            (
+                "versions_behind",
+                "streamhps_staleness_versions",
+                "Committed versions not yet applied.",
+            ),
+            ("applied_version", "streamhps_applied_version", "Last commit marker fully applied."),
+            (
+                "lag_messages",
+                "streamhps_lag_messages",
+                "Messages between the worker's position and the head.",
+            ),
+        ):
+            family(name, "gauge", help_)
+            for t, parts in stal.items():
+                for p, v in parts.items():
+                    val = v.get(key)
+                    if val is not None:
+                        lines.append(f'{name}{{table="{t}",partition="{p}"}} {float(val)}')
+        family("streamhps_ready", "gauge", "1 when within the staleness bound.")
+        lines.append(f"streamhps_ready {int(bool(self.worker.ready()))}")
+        last = self.history[-1] if self.history else {}
+        family("streamhps_cache_hit_ratio", "gauge", "Cache hits / lookups.")
+        for t, h in (last.get("hit_ratio") or {}).items():
+            if h is not None:
+                lines.append(f'streamhps_cache_hit_ratio{{table="{t}"}} {h}')
+        family(
+            "streamhps_ingest_rows_per_second", "gauge", "Rows applied from the stream per second."
+        )
+        for t, r in (last.get("ingest_rows_per_s") or {}).items():
+            lines.append(f'streamhps_ingest_rows_per_second{{table="{t}"}} {r}')
+        stats = self.worker.stats() or {}
+        dlq_stats = stats.get("dlq") if isinstance(stats, dict) else None
+        dlq = dlq_stats.get("count") if isinstance(dlq_stats, dict) else _stat(stats, "dlq_count")
+        family("streamhps_dlq_messages_total", "counter", "Messages routed to a dead-letter topic.")
+        lines.append(f"streamhps_dlq_messages_total {int(dlq or 0)}")
+        family(
+            "streamhps_lookup_latency_seconds", "histogram", "Worker lookup latency per request."
+        )
+        for t, h in self.latency.items():
+            lines.extend(h.lines("streamhps_lookup_latency_seconds", f'table="{t}"'))
+        family("streamhps_predict_latency_seconds", "histogram", "Predict request latency.")
+        lines.extend(self.predict_latency.lines("streamhps_predict_latency_seconds"))
+        family(
+            "streamhps_dense_version", "gauge", "Version of the dense model in service (0: none)."
+        )
+        lines.append(f"streamhps_dense_version {self._model.version if self._model else 0}")
+        with self._counter_lock:
+            counters = dict(self.counters)
+        family("streamhps_requests_total", "counter", "Requests served, by kind.")
+        for k in ("lookups", "predicts", "errors"):
+            lines.append(f'streamhps_requests_total{{kind="{k}"}} {counters[k]}')
+        return "\n".join(lines) + "\n"
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "streamhps"
+
+    @property
+    def app(self) -> InferenceServer:
+        return self.server.app  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # every method goes through one dispatcher so unknown ones answer 405, not 501
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self._dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        path = url.path.rstrip("/") or "/"
+        query = parse_qs(url.query)
+        try:
+            body = self._read_body()
+            allowed = ROUTES.get(path)
+            if allowed is None:
+                raise HTTPError(404, f"no route {path}; routes: {sorted(ROUTES)}", "NotFound")
+            if method not in allowed:
+                raise HTTPError(
+                    405,
+                    f"{method} is not allowed on {path}; use {', '.join(allowed)}",
+                    "MethodNotAllowed",
+                )
+            self._route(path, query, body)
+        except HTTPError as e:
+            self.app._count(errors=1)
+            extra = {"Allow": ", ".join(ROUTES[path])} if e.status == 405 else {}
+            self._json(e.status, {"error": {"type": e.kind, "message": str(e)}}, extra)
+        except StreamHPSError as e:
+            self.app._count(errors=1)
+            self._json(500, {"error": {"type": type(e).__name__, "message": str(e)}})
+        except Exception as e:  # noqa: BLE001 - answer 500 with the reason rather than drop the connection
+            log.exception("request %s %s failed", method, self.path)
+            self.app._count(errors=1)
+            self._json(
+                500, {"error": {"type": "ServerError", "message": f"{type(e).__name__}: {e}"}}
+            )
+
+    def _read_body(self) -> bytes:
+        n = self.headers.get("Content-Length")
+        if not n:
+            return b""
+        try:
+            size = int(n)
+        except ValueError:
+            raise HTTPError(400, f"Content-Length {n!r} is not a number") from None
+        if size > MAX_BODY_BYTES:
+            self.close_connection = True
+            raise HTTPError(
+                413, f"request body of {size} bytes is over the {MAX_BODY_BYTES}-byte limit"
+            )
+        return self.rfile.read(size)
+
+    def _json_body(self, body: bytes) -> Any:
+        ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
+        if ctype != "application/json":
+            raise HTTPError(
+                415,
+                f"Content-Type {ctype!r}: send application/json (or application/octet-stream to /v1/lookup)",
+            )
+        if not body:
+            raise HTTPError(400, "empty body: send a JSON object")
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise HTTPError(400, f"malformed JSON: {e}") from None
+
+    def _route(self, path: str, query: dict[str, list[str]], body: bytes) -> None:
+        app = self.app
+        if path == "/":
+            self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+        elif path == "/healthz":
+            self._json(200, {"status": "ok"})
+        elif path == "/readyz":
+            ready = bool(app.worker.ready())
+            if ready:
+                self._json(200, {"ready": True})
+            else:
+                self._json(503, {"ready": False, "reason": app.worker.not_ready_reason()})
+        elif path == "/metrics":
+            self._send(200, app.metrics().encode(), "text/plain; version=0.0.4; charset=utf-8")
+        elif path == "/v1/status":
+            self._json(200, app.status())
+        elif path == "/v1/history":
+            try:
+                seconds = float((query.get("seconds") or ["300"])[0])
+            except ValueError:
+                raise HTTPError(400, "'seconds' must be a number") from None
+            self._json(200, app.history_view(seconds))
+        elif path == "/v1/lookup":
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+            if ctype == "application/octet-stream":
+                vecs, _table = app.handle_lookup_binary(query, body)
+                self._send(
+                    200, vecs.astype(vecs.dtype.newbyteorder("<"), copy=False).tobytes(), "application/octet-stream",
+                    {"X-Streamhps-Dtype": vecs.dtype.newbyteorder("<").str,
+                     "X-Streamhps-Shape": f"{vecs.shape[0]},{vecs.shape[1] if vecs.ndim == 2 else 0}"},
+                )  # fmt: skip
+            else:
+                self._json(200, app.handle_lookup_json(self._json_body(body)))
+        elif path == "/v1/predict":
+            self._json(200, app.handle_predict(self._json_body(body)))
+
+    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(_jsonable(obj), separators=(",", ":"), allow_nan=False).encode()
+        self._send(status, data, "application/json", headers)
+
+    def _send(
+        self,
+        status: int,
+        data: bytes | memoryview,
+        ctype: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.send_response(status, HTTPStatus(status).phrase)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
