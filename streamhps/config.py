@@ -144,9 +144,9 @@ class ProcessorSettings:
     crash can corrupt the database or lose the last transactions.
     ``map_size_bytes``: initial LMDB map size; a full map doubles and the batch is retried.
     ``progress_interval_s``: seconds between progress log lines (rows/s, applied versions).
-    ``history_check_s``: seconds between broker watermark checks that detect lost broker history
-    (stored offset beyond the log end); smaller detects a restarted broker sooner, at one
-    metadata request per partition per check.
+    ``history_check_s``: seconds between checks of the topics' broker ids, which detect lost broker
+    history (a restarted embedded broker, a recreated topic); smaller detects it sooner, at one
+    DescribeTopics request per check.
     ``kafka_commit``: also commit offsets to Kafka (asynchronously, after the LMDB commit) so
     that lag tools see the processor; LMDB stays the source of truth for where to resume.
     """

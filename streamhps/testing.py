@@ -157,27 +157,6 @@ def wait_for_offsets(
     _wait(f"offsets {dict(offsets)} in {store_dir}", cond, timeout, proc)
 
 
-def end_offsets(
-    bootstrap_servers: str, topics: Mapping[str, int], timeout: float = 10.0
-) -> dict[tuple[str, int], int]:
-    """High watermark of every partition of ``topics`` (name -> partition count)."""
-    from confluent_kafka import Consumer, TopicPartition
-
-    c = Consumer(
-        {"bootstrap.servers": bootstrap_servers, "group.id": "streamhps-testing-watermarks"}
-    )
-    try:
-        out: dict[tuple[str, int], int] = {}
-        for topic, n in topics.items():
-            for p in range(n):
-                out[(topic, p)] = c.get_watermark_offsets(
-                    TopicPartition(topic, p), timeout=timeout, cached=False
-                )[1]
-        return out
-    finally:
-        c.close()
-
-
 def write_config(path: str | os.PathLike[str], text: str) -> Path:
     """Write a config TOML (tests build them inline)."""
     p = Path(path)
@@ -186,7 +165,6 @@ def write_config(path: str | os.PathLike[str], text: str) -> Path:
 
 
 __all__ = [
-    "end_offsets",
     "kill_processor",
     "start_processor",
     "stop_processor",

@@ -514,7 +514,12 @@ class Processor:
         )
 
     def _produce_dlq(
-        self, topic: str, m: Any, headers: list[tuple[str, str | bytes | None]], item: Any, failed: list[Any]
+        self,
+        topic: str,
+        m: Any,
+        headers: list[tuple[str, str | bytes | None]],
+        item: Any,
+        failed: list[Any],
     ) -> None:
         assert self._producer is not None
 
