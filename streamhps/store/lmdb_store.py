@@ -629,9 +629,17 @@ def _compact_batch(rows: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     )
     vectors = np.concatenate(rows.vectors) if len(rows.vectors) > 1 else np.asarray(rows.vectors[0])
     n = keys.shape[0]
-    order = np.lexsort((-versions, keys))
-    k = keys[order]
-    first = np.ones(n, dtype=bool)
-    first[1:] = k[1:] != k[:-1]
-    pick = order[first]
+    if n < 2 or bool((versions[1:] >= versions[:-1]).all()):
+        # the usual case, versions never drop in arrival order: the last occurrence of a key wins
+        order = np.argsort(keys, kind="stable")
+        k = keys[order]
+        last = np.ones(n, dtype=bool)
+        last[:-1] = k[1:] != k[:-1]
+        pick = order[last]
+    else:
+        order = np.lexsort((-versions, keys))
+        k = keys[order]
+        first = np.ones(n, dtype=bool)
+        first[1:] = k[1:] != k[:-1]
+        pick = order[first]
     return keys[pick], vectors[pick], versions[pick].astype(np.int64), n
