@@ -44,12 +44,11 @@ def _import_cupy() -> Any:
 
 
 @cache
-def _module(vec_type: str, group: int) -> Any:
+def _module(vec_type: str, nvec: int, kpw: int) -> Any:
     cp = _import_cupy()
     src = (Path(__file__).parent / "kernels.cu").read_text()
-    return cp.RawModule(
-        code=src, options=("--std=c++17", f"-DVEC_T={vec_type}", f"-DGROUP={group}")
-    )
+    opts = ("--std=c++17", f"-DVEC_T={vec_type}", f"-DNVEC={nvec}", f"-DKPW={kpw}")
+    return cp.RawModule(code=src, options=opts)
 
 
 def _signed32(x: int) -> np.int32:
@@ -66,8 +65,9 @@ class CudaCache(EmbeddingCache):
         row_bytes = self.dim * self.dtype.itemsize
         self._vec = next(v for v in (16, 8, 4, 2) if row_bytes % v == 0)
         self._nvec = row_bytes // self._vec
-        self._group = min(32, max(8, 1 << (self._nvec - 1).bit_length()))
-        mod = _module(_VEC_TYPES[self._vec], self._group)
+        # keys per warp in the fused lookup: more for short rows, so loads stay in flight
+        self._kpw = 16 if self._nvec <= 8 else 8
+        mod = _module(_VEC_TYPES[self._vec], self._nvec, self._kpw)
         self._k = {
             name: mod.get_function(name)
             for name in (
@@ -154,8 +154,9 @@ class CudaCache(EmbeddingCache):
         out = cp.empty((n, self.dim), dtype=self.dtype)
         hit = cp.empty(n, dtype=cp.bool_)
         if n:
+            warps = -(-n // self._kpw)
             self._k["cache_lookup"](
-                self._grid(n, self._group),
+                (-(-warps * 32 // _BLOCK),),
                 (_BLOCK,),
                 (
                     keys,
@@ -212,7 +213,8 @@ class CudaCache(EmbeddingCache):
             (_BLOCK,),
             (keys, np.int64(n), values, versions, *self._table_args(), *common, absent, counters),
         )
-        if insert:
+        c = counters.get().astype(np.int64)  # absent count: skip the insert pass if none
+        if insert and c[5]:
             score = clock if self.policy == "lru" else (1 << 32) | (clock & 0xFFFFFFFF)
             self._k["cache_insert"](
                 grid,
@@ -229,7 +231,7 @@ class CudaCache(EmbeddingCache):
                     counters,
                 ),
             )
-        c = counters.get().astype(np.int64)
+            c = counters.get().astype(np.int64)
         return {
             "inserted_empty": int(c[1]),
             "evictions": int(c[2]),

@@ -6,7 +6,7 @@
 // and the low 32 bits of the clock of the call that last wrote it (stamp).
 //
 // Build macros: VEC_T (uint4 / uint2 / unsigned int / unsigned short: the widest type that
-// divides a row), GROUP (lanes per key in cache_lookup: 8, 16 or 32).
+// divides a row), NVEC (VEC_T per row), KPW (keys per warp in cache_lookup: 4, 8 or 16).
 //
 // Ordering: all kernels of a cache run on one stream, so a lookup never overlaps a write.
 // Writers (apply / insert / remove) serialise per bucket with a spin lock, so duplicate keys
@@ -18,10 +18,14 @@ typedef long long i64;
 #ifndef VEC_T
 #define VEC_T uint4
 #endif
-#ifndef GROUP
-#define GROUP 32
+#ifndef NVEC
+#define NVEC 32
+#endif
+#ifndef KPW
+#define KPW 8
 #endif
 #define SLOTS 32
+typedef VEC_T vec_t;
 
 __device__ __forceinline__ void place(i64 key, u64 nb, u64* bucket, unsigned* digest) {
     u64 h = (u64)key;
@@ -42,55 +46,90 @@ __device__ __forceinline__ u64 touched_score(u64 sc, u64 clock, int lfu) {
     return (cnt << 32) | c32;
 }
 
-// Fused probe + gather: GROUP lanes per key; lanes 0..7 of the group test one 32-bit word of
-// digests each (4 slots), then the group copies the row with VEC_T loads (or writes zeros).
+// Fused probe + gather, KPW keys per warp so that each lane keeps several independent loads in
+// flight: 8 lanes probe one key (each tests one 32-bit word of digests = 4 slots), the finding
+// lane refreshes the score, then the warp copies the KPW rows with VEC_T loads (all loads of a
+// lane issued before its stores; misses write zeros).
 extern "C" __global__ void cache_lookup(
     const i64* __restrict__ keys, i64 n,
     const unsigned* __restrict__ digest_words, i64* meta,
     const VEC_T* __restrict__ values, VEC_T* __restrict__ out, bool* __restrict__ hit,
-    u64 nb, int nvec, u64 clock, int lfu, u64* counters)
+    u64 nb, int nvec_unused, u64 clock, int lfu, u64* counters)
 {
     const int lane = threadIdx.x & 31;
-    const int g_lane = lane & (GROUP - 1);
-    const int g_base = lane & ~(GROUP - 1);
-    const unsigned gmask = (GROUP == 32) ? 0xffffffffu : (((1u << GROUP) - 1u) << g_base);
-    const i64 gid = ((i64)blockIdx.x * blockDim.x + threadIdx.x) / GROUP;
-    int is_hit = 0;
-    if (gid < n) {
-        const i64 key = keys[gid];
-        u64 b; unsigned d;
-        place(key, nb, &b, &d);
-        int found = -1;
-        if (g_lane < SLOTS / 4) {
-            unsigned m = __vcmpeq4(digest_words[b * (SLOTS / 4) + g_lane], d * 0x01010101u);
-            while (m) {
-                const int byte = (__ffs(m) - 1) >> 3;
-                m &= ~(0xffu << (byte * 8));
-                const int s = g_lane * 4 + byte;
-                i64* mp = meta + 2 * (b * SLOTS + s);
-                if (mp[0] == key) {
-                    found = s;
-                    const u64 sc = (u64)mp[1];
-                    const u64 ns = touched_score(sc, clock, lfu);
-                    if (ns != sc) mp[1] = (i64)ns;
-                    break;
-                }
+    const int sub = lane >> 3, wl = lane & 7;
+    const i64 base = (((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5) * KPW;
+    constexpr int R = KPW / 4;
+    i64 found[R];
+    unsigned m[R];
+    u64 b[R];
+    i64 key[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const i64 idx = base + sub + 4 * r;
+        found[r] = -1;
+        m[r] = 0;
+        if (idx < n) {
+            key[r] = keys[idx];
+            unsigned d;
+            place(key[r], nb, &b[r], &d);
+            m[r] = __vcmpeq4(digest_words[b[r] * (SLOTS / 4) + wl], d * 0x01010101u);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        unsigned mm = m[r];
+        while (mm) {
+            const int byte = (__ffs(mm) - 1) >> 3;
+            mm &= ~(0xffu << (byte * 8));
+            const i64 slot = (i64)b[r] * SLOTS + wl * 4 + byte;
+            i64* mp = meta + 2 * slot;
+            if (mp[0] == key[r]) {
+                found[r] = slot;
+                const u64 sc = (u64)mp[1];
+                const u64 ns = touched_score(sc, clock, lfu);
+                if (ns != sc) mp[1] = (i64)ns;
+                break;
             }
         }
-        const unsigned bal = __ballot_sync(gmask, found >= 0);
-        VEC_T* o = out + gid * nvec;
-        if (bal) {
-            const int s = __shfl_sync(gmask, found, __ffs(bal) - 1);
-            const VEC_T* src = values + (b * SLOTS + s) * (i64)nvec;
-            for (int v = g_lane; v < nvec; v += GROUP) o[v] = src[v];
-            is_hit = (g_lane == 0);
-        } else {
-            VEC_T z = {0};
-            for (int v = g_lane; v < nvec; v += GROUP) o[v] = z;
-        }
-        if (g_lane == 0) hit[gid] = bal != 0;
     }
-    const int block_hits = __syncthreads_count(is_hit);
+    // lane L < KPW takes the slot of key base + L (sub L & 3, round L >> 2)
+    i64 myslot = -1;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const unsigned bal = __ballot_sync(0xffffffffu, found[r] >= 0);
+        const int s = lane & 3;
+        const unsigned part = (bal >> (8 * s)) & 0xffu;
+        const int src = part ? 8 * s + __ffs(part) - 1 : 0;
+        const i64 v = __shfl_sync(0xffffffffu, found[r], src);
+        if ((lane >> 2) == r && part) myslot = v;
+    }
+    // copy KPW rows: vector t of the warp's KPW * NVEC belongs to row t / NVEC
+    constexpr int T = KPW * NVEC;
+    constexpr int J = (T + 31) / 32;
+    VEC_T reg[J];
+    i64 rowslot[J];
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int t = lane + 32 * j;
+        const int row = (t < T) ? t / NVEC : 0;
+        rowslot[j] = __shfl_sync(0xffffffffu, myslot, row);
+    }
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int t = lane + 32 * j;
+        reg[j] = vec_t{};
+        if (t < T && rowslot[j] >= 0) reg[j] = values[rowslot[j] * NVEC + (t % NVEC)];
+    }
+#pragma unroll
+    for (int j = 0; j < J; ++j) {
+        const int t = lane + 32 * j;
+        const i64 q = base + t / NVEC;
+        if (t < T && q < n) __stcs(out + q * NVEC + (t % NVEC), reg[j]);
+    }
+    const bool mine = lane < KPW && base + lane < n;
+    if (mine) hit[base + lane] = myslot >= 0;
+    const int block_hits = __syncthreads_count(mine && myslot >= 0);
     if (threadIdx.x == 0 && block_hits) atomicAdd(counters, (u64)block_hits);
 }
 
@@ -113,8 +152,9 @@ extern "C" __global__ void cache_find(
 
 __device__ __forceinline__ void lock_bucket(int* locks, u64 b, int lane) {
     if (lane == 0) {
+        // no fence after: the table is read with volatile (L2) loads, and the holder before
+        // fenced its writes before releasing
         while (atomicCAS(locks + b, 0, 1) != 0) __nanosleep(32);
-        __threadfence();
     }
     __syncwarp();
 }
@@ -139,15 +179,34 @@ __device__ __forceinline__ void flush_counts(unsigned* sh, u64* counters) {
     if (threadIdx.x < 8 && sh[threadIdx.x]) atomicAdd(counters + threadIdx.x, (u64)sh[threadIdx.x]);
 }
 
+// Rows of the input are loaded into registers before the bucket lock is taken, so the locked
+// section holds no load of row data.
+constexpr int JR = (NVEC + 31) / 32;
+
+__device__ __forceinline__ void load_row(const VEC_T* src, vec_t* reg, int lane) {
+#pragma unroll
+    for (int j = 0; j < JR; ++j) {
+        const int v = lane + 32 * j;
+        if (v < NVEC) reg[j] = src[v];
+    }
+}
+
+__device__ __forceinline__ void store_row(VEC_T* dst, const vec_t* reg, int lane) {
+#pragma unroll
+    for (int j = 0; j < JR; ++j) {
+        const int v = lane + 32 * j;
+        if (v < NVEC) dst[v] = reg[j];
+    }
+}
+
 // Write one row into a resident slot if its version is newer; the warp holds the bucket lock.
 // Counts an update only the first time this call writes the slot (duplicates count once).
 __device__ __forceinline__ void apply_row(
-    i64 slot, i64 ver, const VEC_T* src, VEC_T* values, volatile i64* versions,
-    volatile int* stamps, int stamp, int nvec, int lane, unsigned* sh)
+    i64 slot, i64 ver, const vec_t* reg, VEC_T* values, volatile i64* versions,
+    volatile int* stamps, int stamp, int lane, unsigned* sh)
 {
     if (ver > versions[slot]) {
-        VEC_T* dst = values + slot * (i64)nvec;
-        for (int v = lane; v < nvec; v += 32) dst[v] = src[v];
+        store_row(values + slot * (i64)NVEC, reg, lane);
         if (lane == 0) {
             versions[slot] = ver;
             if (stamps[slot] != stamp) { stamps[slot] = stamp; atomicAdd(sh + C_UPDATE, 1u); }
@@ -172,13 +231,16 @@ extern "C" __global__ void cache_apply(
         const i64 key = keys[w];
         u64 b; unsigned d;
         place(key, nb, &b, &d);
+        const i64 ver = vers[w];
+        vec_t reg[JR];
+        load_row(vals + w * (i64)NVEC, reg, lane);
         lock_bucket(locks, b, lane);
         const i64 slot = b * SLOTS + lane;
         const bool match = digests[slot] == d && meta[2 * slot] == key;
         const unsigned bal = __ballot_sync(0xffffffffu, match);
         if (bal) {
-            apply_row(b * SLOTS + __ffs(bal) - 1, vers[w], vals + w * (i64)nvec, values,
-                      versions, stamps, stamp, nvec, lane, sh);
+            apply_row(b * SLOTS + __ffs(bal) - 1, ver, reg, values, versions, stamps, stamp,
+                      lane, sh);
         } else if (lane == 0) {
             atomicAdd(sh + C_ABSENT, 1u);
         }
@@ -207,14 +269,16 @@ extern "C" __global__ void cache_insert(
         const i64 ver = vers[w];
         u64 b; unsigned d;
         place(key, nb, &b, &d);
+        vec_t reg[JR];
+        load_row(vals + w * (i64)NVEC, reg, lane);
         lock_bucket(locks, b, lane);
         const i64 slot = b * SLOTS + lane;
         const unsigned dg = digests[slot];
         const i64 k = meta[2 * slot];
         const unsigned bal = __ballot_sync(0xffffffffu, dg == d && k == key);
         if (bal) {  // a duplicate of this key was inserted earlier in this call
-            apply_row(b * SLOTS + __ffs(bal) - 1, ver, vals + w * (i64)nvec, values,
-                      versions, stamps, stamp, nvec, lane, sh);
+            apply_row(b * SLOTS + __ffs(bal) - 1, ver, reg, values, versions, stamps, stamp,
+                      lane, sh);
         } else {
             const unsigned empty = __ballot_sync(0xffffffffu, dg == 0);
             int target = -1;
@@ -238,9 +302,7 @@ extern "C" __global__ void cache_insert(
             }
             if (target >= 0) {
                 const i64 ts = b * SLOTS + target;
-                VEC_T* dst = values + ts * (i64)nvec;
-                const VEC_T* src = vals + w * (i64)nvec;
-                for (int v = lane; v < nvec; v += 32) dst[v] = src[v];
+                store_row(values + ts * (i64)NVEC, reg, lane);
                 if (lane == 0) {
                     meta[2 * ts] = key;
                     meta[2 * ts + 1] = (i64)insert_score;
