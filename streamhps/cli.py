@@ -121,6 +121,9 @@ def _register_extensions(sub: Any) -> None:
 
     _register_serve(sub)  # serve
     _register_train(sub)  # train
+    from streamhps.demo import register as _register_demo
+
+    _register_demo(sub)  # demo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
