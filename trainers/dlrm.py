@@ -29,7 +29,7 @@ from servers.model import DenseModel
 from streamhps.config import Config
 from streamhps.errors import ConfigError
 from streamhps.publish import Publisher
-from trainers.synthetic import ClickStream, StreamSpec, auc
+from trainers.synthetic import Batch, ClickStream, StreamSpec, auc
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,7 @@ class OnlineTrainer:
         self.lock = threading.Lock()  # held while the model changes; snapshot() takes it
         self._publisher = Publisher.from_config(config) if publish else None
         self._commits_since_dense = 0
+        self.last_batch: Batch | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -193,6 +194,7 @@ class OnlineTrainer:
         """One optimisation step on a fresh batch; returns the loss."""
         t = self.stats.step
         b = self.stream.sample(t, self.batch_size, self._rng)
+        self.last_batch = b
         ids = {
             self.user_table: torch.from_numpy(b.users),
             self.item_table: torch.from_numpy(b.items),
@@ -316,9 +318,10 @@ class OnlineTrainer:
                 self.publish()
                 if on_publish is not None:
                     on_publish(self)
-        self.publish()
-        if on_publish is not None:
-            on_publish(self)
+        if self.stats.step > self.stats.last_version:  # the steps since the last publish
+            self.publish()
+            if on_publish is not None:
+                on_publish(self)
         return self.stats
 
 
