@@ -167,7 +167,7 @@ class Publisher:
         n = keys_a.shape[0]
         if n == 0:
             return 0
-        if not np.isfinite(vec).all():
+        if not wire.all_finite(vec):
             bad = np.flatnonzero(~np.isfinite(vec).all(axis=1))
             raise ValidationError(
                 f"vectors of {bad.size} row(s) contain NaN or Inf (first: key {int(keys_a[bad[0]])}, "

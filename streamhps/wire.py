@@ -420,6 +420,14 @@ def decode(data: bytes | bytearray | memoryview) -> Message:
     )  # fmt: skip
 
 
+def all_finite(a: np.ndarray) -> bool:
+    """True if no element is NaN or Inf. float16 is checked on its exponent bits: numpy's
+    ``isfinite`` converts float16 element by element and is ~6x slower."""
+    if a.dtype == np.float16:
+        return not bool(((a.view(np.uint16) & 0x7C00) == 0x7C00).any())
+    return bool(np.isfinite(a).all())
+
+
 def check_update(msg: Message, *, dim: int, dtype: str) -> str | None:
     """Why an update cannot be applied to a table of ``dim``/``dtype``, or None if it can.
 
@@ -435,7 +443,7 @@ def check_update(msg: Message, *, dim: int, dtype: str) -> str | None:
         return "wrong_dtype"
     if msg.row_versions is not None and msg.row_count and int(msg.row_versions.min()) <= 0:
         return "version_not_positive"
-    if msg.row_count and not np.isfinite(msg.vectors).all():
+    if msg.row_count and not all_finite(msg.vectors):
         return "non_finite"
     return None
 

@@ -161,3 +161,14 @@ def test_none_value_is_wire_error() -> None:
 )
 def test_check_update_reasons(msg: bytes, reason: str | None) -> None:
     assert wire.check_update(wire.decode(msg), dim=4, dtype="float32") == reason
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_any_bad_element(dtype: str, bad: float) -> None:
+    a = np.random.default_rng(0).standard_normal((50, 9)).astype(dtype)
+    assert wire.all_finite(a)
+    a[37, 4] = bad
+    assert not wire.all_finite(a)
+    a[37, 4] = np.finfo(dtype).max  # the largest finite value is still finite
+    assert wire.all_finite(a)
