@@ -511,12 +511,29 @@ class InferenceServer:
         for t, h in (last.get("hit_ratio") or {}).items():
             if h is not None:
                 lines.append(f'streamhps_cache_hit_ratio{{table="{t}"}} {h}')
+        stats = self.worker.stats() or {}
+        per_table = stats.get("tables", {}) if isinstance(stats, dict) else {}
+        family(
+            "streamhps_cache_lookups_total", "counter", "Keys looked up in the cache, by result."
+        )
+        for t in self.tables:
+            ts = per_table.get(t, {})
+            for key, result in (("hits", "hit"), ("misses", "miss")):
+                v = _stat(ts, key)
+                if v is not None:
+                    lines.append(
+                        f'streamhps_cache_lookups_total{{table="{t}",result="{result}"}} {int(v)}'
+                    )
+        family("streamhps_ingest_rows_total", "counter", "Rows applied from the stream.")
+        for t in self.tables:
+            n = _stat(per_table.get(t, {}), "rows_applied")
+            if n is not None:
+                lines.append(f'streamhps_ingest_rows_total{{table="{t}"}} {int(n)}')
         family(
             "streamhps_ingest_rows_per_second", "gauge", "Rows applied from the stream per second."
         )
         for t, r in (last.get("ingest_rows_per_s") or {}).items():
             lines.append(f'streamhps_ingest_rows_per_second{{table="{t}"}} {r}')
-        stats = self.worker.stats() or {}
         dlq_stats = stats.get("dlq") if isinstance(stats, dict) else None
         dlq = dlq_stats.get("count") if isinstance(dlq_stats, dict) else _stat(stats, "dlq_count")
         family("streamhps_dlq_messages_total", "counter", "Messages routed to a dead-letter topic.")

@@ -186,6 +186,8 @@ def test_health_ready_status_and_metrics(deployment) -> None:  # type: ignore[no
         'streamhps_lookup_latency_seconds_bucket{table="user",le="+Inf"}',
         "streamhps_dlq_messages_total 0",
         "streamhps_ready 1",
+        'streamhps_cache_lookups_total{table="user",result="hit"}',
+        'streamhps_ingest_rows_total{table="item"}',
         "# TYPE streamhps_lookup_latency_seconds histogram",
     ):
         assert needle in m, needle

@@ -79,6 +79,7 @@ def test_numpy_serving_head_equals_the_torch_model() -> None:
     )  # dense payload well under 1 MB
 
 
+@pytest.mark.slow
 def test_trainer_learns_the_hidden_truth() -> None:
     tr = OnlineTrainer(Config(tables=TABLES), publish=False)
     tr.run(steps=600)
