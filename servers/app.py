@@ -519,10 +519,10 @@ class InferenceServer:
         for t in self.tables:
             ts = per_table.get(t, {})
             for key, result in (("hits", "hit"), ("misses", "miss")):
-                v = _stat(ts, key)
-                if v is not None:
+                n = _stat(ts, key)
+                if n is not None:
                     lines.append(
-                        f'streamhps_cache_lookups_total{{table="{t}",result="{result}"}} {int(v)}'
+                        f'streamhps_cache_lookups_total{{table="{t}",result="{result}"}} {int(n)}'
                     )
         family("streamhps_ingest_rows_total", "counter", "Rows applied from the stream.")
         for t in self.tables:
