@@ -82,7 +82,7 @@ class Ingestor:
         store: Any,
         *,
         batch_messages: int = 1024,
-        poll_timeout_s: float = 0.02,
+        poll_timeout_s: float = 0.005,
         store_refresh_s: float = 0.05,
     ) -> None:
         self.consumer = consumer
