@@ -59,6 +59,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/history": ("GET",),
     "/v1/lookup": ("POST",),
     "/v1/predict": ("POST",),
+    "/favicon.ico": ("GET",),
 }
 
 
@@ -265,7 +266,9 @@ class InferenceServer:
             return a.view(np.int64)  # ids above 2**63 keep their bit pattern, as in the publisher
         return a.astype(np.int64, copy=False)
 
-    def lookup(self, table: str, keys: np.ndarray, consistency: str) -> np.ndarray:
+    def lookup(
+        self, table: str, keys: np.ndarray, consistency: str, *, count: bool = True
+    ) -> np.ndarray:
         t0 = time.perf_counter()
         try:
             out = self.worker.lookup(table, keys, consistency=consistency)
@@ -276,7 +279,8 @@ class InferenceServer:
         except UnknownTableError as e:
             raise HTTPError(404, str(e), "UnknownTableError") from None
         self.latency[table].observe(time.perf_counter() - t0)
-        self._count(lookups=1, lookup_keys=int(keys.size))
+        if count:  # predict's own lookups are counted as predicts
+            self._count(lookups=1, lookup_keys=int(keys.size))
         return np.asarray(out)
 
     def handle_lookup_json(self, body: Any) -> dict[str, Any]:
@@ -366,7 +370,7 @@ class InferenceServer:
         else:
             x = np.zeros((n, 0), dtype=np.float32)
         consistency = self._consistency(body.get("consistency"))
-        embs = [self.lookup(t, ids[t], consistency) for t in model.tables]
+        embs = [self.lookup(t, ids[t], consistency, count=False) for t in model.tables]
         scores = model.predict(embs, x) if n else np.empty(0)
         self.predict_latency.observe(time.perf_counter() - t0)
         self._count(predicts=1, predict_rows=n)
@@ -667,6 +671,8 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.app
         if path == "/":
             self._send(200, PAGE.encode(), "text/html; charset=utf-8")
+        elif path == "/favicon.ico":
+            self._send(204, b"", "image/x-icon")  # browsers ask; not an error
         elif path == "/healthz":
             self._json(200, {"status": "ok"})
         elif path == "/readyz":
