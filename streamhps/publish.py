@@ -181,12 +181,11 @@ class Publisher:
                 "send each key once per call with its latest vector"
             )
 
-        parts = partition_of(keys_a, spec.partitions)
+        # int16 partitions let numpy's stable sort use radix sort: O(n).
+        parts = partition_of(keys_a, spec.partitions).astype(np.int16)
         order = np.argsort(parts, kind="stable")
         counts = np.bincount(parts, minlength=spec.partitions)
-        keys_by_p = keys_a[order]
-        vec_by_p = np.ascontiguousarray(vec[order])
-        rv_by_p = rv[order] if rv is not None else None
+        vec_c = np.ascontiguousarray(vec)
         row_bytes = 8 + spec.row_bytes + (8 if rv is not None else 0)
         rows_per_msg = max(1, (self.max_message_bytes - _HEADER_ALLOWANCE) // row_bytes)
         topic = table_topic(self.topic_prefix, table)
@@ -195,9 +194,8 @@ class Publisher:
         for p, count in enumerate(counts.tolist()):
             for lo in range(start, start + count, rows_per_msg):
                 hi = min(lo + rows_per_msg, start + count)
-                payload = wire.encode_update(
-                    table, keys_by_p[lo:hi], vec_by_p[lo:hi], version, partition=p,
-                    row_versions=None if rv_by_p is None else rv_by_p[lo:hi],
+                payload = wire.encode_update_rows(
+                    table, keys_a, vec_c, order[lo:hi], version, partition=p, row_versions=rv,
                     run_id=self.run_id, producer_seq=self._next_seq(),
                 )  # fmt: skip
                 self._produce(topic, p, payload, rows=hi - lo)
@@ -322,13 +320,19 @@ class Publisher:
         self._seq += 1
         return self._seq
 
-    def _produce(self, topic: str, partition: int, payload: bytes, *, rows: int) -> None:
+    def _produce(
+        self, topic: str, partition: int, payload: bytes | np.ndarray, *, rows: int
+    ) -> None:
         if self._closed:
             raise PublishError("publisher is closed")
         while True:
             try:
+                # produce() takes any read-only buffer (a uint8 array too); its stub says bytes.
                 self._producer.produce(
-                    topic, payload, partition=partition, on_delivery=self._on_delivery
+                    topic,
+                    payload,  # type: ignore[arg-type]
+                    partition=partition,
+                    on_delivery=self._on_delivery,
                 )
                 break
             except BufferError:

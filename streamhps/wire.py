@@ -311,6 +311,29 @@ def _encode(
     has_row_versions: bool,
     payload_parts: list[Any],
 ) -> bytes:
+    views = [_byte_view(p) for p in payload_parts]
+    head = _head(
+        kind, table, partition, dtype, dim, row_count, version, run_id, producer_seq,
+        publish_ts_us, has_row_versions, sum(v.nbytes for v in views),
+    )  # fmt: skip
+    return b"".join([head, *views])
+
+
+def _head(
+    kind: str,
+    table: str,
+    partition: int,
+    dtype: str,
+    dim: int,
+    row_count: int,
+    version: int,
+    run_id: str,
+    producer_seq: int,
+    publish_ts_us: int | None,
+    has_row_versions: bool,
+    payload_len: int,
+) -> bytes:
+    """Everything before the payload bytes, padded so that the payload starts 8-byte aligned."""
     if publish_ts_us is None:
         publish_ts_us = time.time_ns() // 1000
     head = b"".join(
@@ -330,12 +353,52 @@ def _encode(
             b"\x01" if has_row_versions else b"\x00",
         ]
     )
-    views = [_byte_view(p) for p in payload_parts]
-    payload_len = sum(v.nbytes for v in views)
     len_prefix = _zz(payload_len)
     # 1 byte of padding length (0..7 zig-zags to 0..14) then the padding itself.
     pad = (-(len(head) + 1 + len(len_prefix))) % 8
-    return b"".join([head, _zz(pad), bytes(pad), len_prefix, *views])
+    return b"".join([head, _zz(pad), bytes(pad), len_prefix])
+
+
+def encode_update_rows(
+    table: str,
+    keys: np.ndarray,
+    vectors: np.ndarray,
+    rows: np.ndarray,
+    version: int,
+    *,
+    partition: int = 0,
+    row_versions: np.ndarray | None = None,
+    run_id: str = "",
+    producer_seq: int = 0,
+    publish_ts_us: int | None = None,
+) -> np.ndarray:
+    """Encode the rows ``rows`` (indices) of ``keys``/``vectors`` as one update message.
+
+    Same bytes as ``encode_update(table, keys[rows], vectors[rows], ...)``, but gathered straight
+    into the message buffer: one copy of the rows instead of three. Returns a uint8 array
+    (a read-only-compatible buffer that ``Producer.produce`` accepts). Inputs must be valid
+    (int64 keys, float32/float16 ``[N, dim]`` vectors): the publisher checked them.
+    """
+    n = int(rows.shape[0])
+    dim = int(vectors.shape[1])
+    itemsize = vectors.dtype.itemsize
+    has_rv = row_versions is not None
+    payload_len = n * (8 + (8 if has_rv else 0) + dim * itemsize)
+    head = _head(
+        "UPDATE", table, partition, vectors.dtype.name, dim, n, version, run_id, producer_seq,
+        publish_ts_us, has_rv, payload_len,
+    )  # fmt: skip
+    h = len(head)
+    buf = np.empty(h + payload_len, dtype=np.uint8)
+    buf[:h] = np.frombuffer(head, dtype=np.uint8)
+    np.take(keys, rows, out=buf[h : h + 8 * n].view("<i8"))
+    off = h + 8 * n
+    if row_versions is not None:
+        np.take(row_versions, rows, out=buf[off : off + 8 * n].view("<i8"))
+        off += 8 * n
+    out = buf[off:].view(vectors.dtype).reshape(n, dim)
+    np.take(vectors, rows, axis=0, out=out)
+    return buf
 
 
 def _byte_view(part: Any) -> memoryview:

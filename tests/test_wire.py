@@ -172,3 +172,18 @@ def test_all_finite_finds_any_bad_element(dtype: str, bad: float) -> None:
     assert not wire.all_finite(a)
     a[37, 4] = np.finfo(dtype).max  # the largest finite value is still finite
     assert wire.all_finite(a)
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=batches(), seed=st.integers(0, 1000))
+def test_gathering_encoder_matches_plain_encoder(batch, seed) -> None:
+    keys, vectors, rv = batch
+    rows = np.random.default_rng(seed).permutation(len(keys))[: max(0, len(keys) - 3)]
+    kw = {"partition": 2, "run_id": "r", "producer_seq": 9, "publish_ts_us": 123}
+    plain = wire.encode_update(
+        "t", keys[rows], vectors[rows], 5, row_versions=None if rv is None else rv[rows], **kw
+    )
+    gathered = wire.encode_update_rows("t", keys, vectors, rows, 5, row_versions=rv, **kw)
+    assert gathered.tobytes() == plain
+    m = wire.decode(gathered.tobytes())
+    assert np.array_equal(m.keys, keys[rows])
