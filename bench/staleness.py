@@ -165,7 +165,7 @@ def latency_run(
             if w.lookup("emb", np.array([int(key)]))[0, 0] >= version:
                 probe_ms.append((time.time() - published) * 1e3)
                 break
-            time.sleep(0.0002)
+            time.sleep(0.001)
         time.sleep(0.02)
     proc.join()
     if proc.exitcode != 0:

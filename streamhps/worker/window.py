@@ -10,8 +10,13 @@ Layout: one :class:`RecentRows` per table, a short tuple of immutable chunks in 
 Each chunk is sorted by key with one row per key (its highest version), plus each row's Kafka
 partition and offset. New chunks merge with their neighbour while it is at most twice their
 size (a log-structured merge: O(log n) chunks, O(log n) amortised copies per row), dropping
-rows the store already holds. A chunk whose rows are all below the store's offsets is dropped
-whole. The ingest thread is the only writer; readers take the tuple as a snapshot without a
+rows the store already holds, but never into a chunk of more than ``merge_cap`` rows: the merge
+runs on the ingest thread, and a merge whose cost grew with the whole window (a lagging
+processor leaves every row in it) would hold back every update behind it. Past the cap the
+window is a list of full chunks (lookups search each; their count is window rows / cap) that
+prune drops whole once the store holds their rows. Merging two sorted chunks is linear (a
+stable sort of two sorted runs is a merge). A chunk whose rows are all below the store's
+offsets is dropped whole. The ingest thread is the only writer; readers take the tuple as a snapshot without a
 lock (copy-on-write).
 """
 
@@ -47,20 +52,48 @@ def latest_per_key(
     n = keys.shape[0]
     if n == 0:
         return keys, versions, list(columns)
-    # lexsort is stable: among equal (key, version) the later row stays last.
-    order = np.lexsort((versions, keys))
+    # An unstable sort by key alone (several times faster than a two-key lexsort); rows of a
+    # key that occurs more than once are then ordered by (key, version, arrival) among
+    # themselves, usually few.
+    order = np.argsort(keys)
     ks = keys[order]
-    last = np.empty(n, dtype=bool)
-    last[-1] = True
-    np.not_equal(ks[1:], ks[:-1], out=last[:-1])
-    sel = order[last]
+    same = ks[1:] == ks[:-1]
+    if same.any():
+        in_dup = np.zeros(n, dtype=bool)
+        in_dup[:-1] |= same
+        in_dup[1:] |= same
+        pos = np.flatnonzero(in_dup)  # sorted positions of rows whose key repeats
+        rows = order[pos]
+        o2 = np.lexsort((rows, versions[rows], ks[pos]))  # highest version, then latest, last
+        gk = ks[pos][o2]  # group keys, each group ending in its winner
+        last = np.empty(gk.shape[0], dtype=bool)
+        last[-1] = True
+        np.not_equal(gk[1:], gk[:-1], out=last[:-1])
+        # A group's sorted positions are interchangeable: its winner takes the first one.
+        kp = ks[pos]
+        first = np.empty(kp.shape[0], dtype=bool)
+        first[0] = True
+        np.not_equal(kp[1:], kp[:-1], out=first[1:])
+        order = order.copy()
+        order[pos[first]] = rows[o2[last]]  # groups in key order on both sides
+        keep = ~in_dup
+        keep[pos[first]] = True
+        sel = order[keep]
+    else:
+        sel = order
     return keys[sel], versions[sel], [c[sel] for c in columns]
+
+
+MERGE_CAP = 1 << 17  # rows; a merge copies at most this many rows (~30 MB at dim 64 fp32)
 
 
 class RecentRows:
     """Rows of one table consumed by this worker and possibly not yet in LMDB."""
 
-    def __init__(self, dim: int, dtype: np.dtype, partitions: int) -> None:
+    def __init__(
+        self, dim: int, dtype: np.dtype, partitions: int, merge_cap: int = MERGE_CAP
+    ) -> None:
+        self.merge_cap = merge_cap
         self.dim = dim
         self.dtype = np.dtype(dtype)
         self.partitions = partitions
@@ -88,7 +121,11 @@ class RecentRows:
             *self._chunks,
             Chunk(keys, versions, vectors, partitions.astype(np.int32), offsets, max_off),
         ]
-        while len(chunks) >= 2 and chunks[-2].rows <= 2 * chunks[-1].rows:
+        while (
+            len(chunks) >= 2
+            and chunks[-2].rows <= 2 * chunks[-1].rows
+            and chunks[-2].rows + chunks[-1].rows <= self.merge_cap
+        ):
             merged = self._merge(chunks[-2], chunks[-1])
             chunks[-2:] = [merged] if merged is not None else []
         self._chunks = tuple(chunks)
@@ -108,26 +145,34 @@ class RecentRows:
         self.epoch += 1
 
     def _merge(self, older: Chunk, newer: Chunk) -> Chunk | None:
+        """Two key-sorted unique chunks -> one; a key in both keeps the higher version (the
+        newer chunk's on ties). Linear: a stable sort of two sorted runs is one merge pass."""
         keys = np.concatenate([older.keys, newer.keys])
-        versions = np.concatenate([older.versions, newer.versions])
-        vectors = np.concatenate([older.vectors, newer.vectors])
-        parts = np.concatenate([older.partitions, newer.partitions])
-        offs = np.concatenate([older.offsets, newer.offsets])
-        live = offs >= self._store_next[parts]
-        if not live.all():
+        order = np.argsort(keys, kind="stable")  # equal keys: the older chunk's row first
+        keys = keys[order]
+        versions = np.concatenate([older.versions, newer.versions])[order]
+        parts = np.concatenate([older.partitions, newer.partitions])[order]
+        offs = np.concatenate([older.offsets, newer.offsets])[order]
+        n = keys.shape[0]
+        keep = offs >= self._store_next[parts]
+        if not keep.all():
             self.epoch += 1
-            keys, versions, vectors, parts, offs = (
-                keys[live],
-                versions[live],
-                vectors[live],
-                parts[live],
-                offs[live],
-            )
-        if keys.shape[0] == 0:
+        # Each key occurs at most twice (once per chunk), adjacent: of two live rows drop the
+        # older unless its version is higher, in which case drop the newer one.
+        dup = np.flatnonzero((keys[1:] == keys[:-1]) & keep[1:] & keep[:-1])
+        if dup.size:
+            older_wins = versions[dup] > versions[dup + 1]
+            keep[dup[~older_wins]] = False
+            keep[dup[older_wins] + 1] = False
+        if not keep.any():
             return None
-        keys, versions, (vectors, parts, offs) = latest_per_key(
-            keys, versions, vectors, parts, offs
-        )
+        if keep.all():
+            sel = order
+        else:
+            sel = order[keep]
+            keys, versions, parts, offs = keys[keep], versions[keep], parts[keep], offs[keep]
+        vectors = np.concatenate([older.vectors, newer.vectors])
+        vectors = vectors[sel] if n else vectors
         max_off = np.full(self.partitions, -1, dtype=np.int64)
         np.maximum.at(max_off, parts, offs)
         return Chunk(keys, versions, vectors, parts, offs, max_off)
