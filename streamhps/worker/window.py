@@ -84,7 +84,7 @@ def latest_per_key(
     return keys[sel], versions[sel], [c[sel] for c in columns]
 
 
-MERGE_CAP = 1 << 17  # rows; a merge copies at most this many rows (~30 MB at dim 64 fp32)
+MERGE_CAP = 1 << 16  # rows; a merge copies at most this many rows (16 MB at dim 64 fp32)
 
 
 class RecentRows:
