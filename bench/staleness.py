@@ -9,7 +9,10 @@
    ``rate = 0.5 x worker max rows/s`` in 10 ms ticks for ``--seconds``. Reported: the worker's
    publish -> applied-in-cache latency of every message (its ``apply_latencies()``), and an
    outside probe that polls ``lookup`` for one key of a just-published batch until the new
-   version shows (what a client sees). Target: p99 <= 100 ms.
+   version shows (what a client sees; it polls every 1 ms). The publisher runs in its own
+   process (its own GIL, as a trainer would), so the figures are the worker's; on a small
+   machine it still shares the cores with the worker and the broker. Target: p99 <= 100 ms.
+   ``--rate`` fixes the rate, to compare two builds on a machine whose load varies.
 
     python bench/staleness.py                        # embedded broker, CPU (numpy) cache
     python bench/staleness.py --device cuda --rows 2000000 --out bench/results/staleness-gpu.json

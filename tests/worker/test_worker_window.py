@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamhps.worker.window import RecentRows, latest_per_key
+from streamhps.worker.window import MERGE_CAP, RecentRows, latest_per_key
 
 
 def _add(w: RecentRows, keys, versions, part: int, offset: int) -> None:
@@ -76,14 +76,15 @@ def test_chunk_count_stays_logarithmic() -> None:
         max_size=30,
     ),
     st.integers(0, 30),
+    st.sampled_from([MERGE_CAP, 4]),
 )
 def test_window_matches_a_dict_model(
-    batches: list[tuple[list[int], int]], stored_upto: int
+    batches: list[tuple[list[int], int]], stored_upto: int, merge_cap: int
 ) -> None:
     """Whatever the merge pattern, get() returns the newest version of a key among rows not yet
     stored, or a newer one the store holds already (chunks leave the window whole); a key is
     absent only if every row of it is stored."""
-    w = RecentRows(dim=1, dtype=np.float32, partitions=1)
+    w = RecentRows(dim=1, dtype=np.float32, partitions=1, merge_cap=merge_cap)
     newest: dict[int, int] = {}  # key -> highest version of any row
     unstored: dict[int, int] = {}  # key -> highest version among rows at offsets >= stored_upto
     for off, (keys, version) in enumerate(batches):
@@ -100,3 +101,32 @@ def test_window_matches_a_dict_model(
             assert k in newest and unstored.get(k, 0) <= ver[k] <= newest[k], k
         else:
             assert k not in unstored, k  # an unstored row is never lost
+
+
+def test_merges_stop_at_the_cap_and_full_chunks_leave_as_the_store_catches_up() -> None:
+    """A lagging processor: the window keeps growing, but no merge copies more than the cap."""
+    w = RecentRows(dim=2, dtype=np.float32, partitions=1, merge_cap=64)
+    for i in range(200):
+        _add(w, np.arange(8) + 8 * i, np.full(8, i + 1), part=0, offset=i)
+    assert w.rows == 1600
+    assert max(c.rows for c in w._chunks) <= 64
+    _, ver, found = w.get(np.array([0, 800, 1599], dtype=np.int64))
+    assert found.all() and ver.tolist() == [1, 101, 200]
+    w.prune(np.array([100]))  # the store caught up to offset 100: the older full chunks go
+    assert 0 < w.rows <= 1600 - 8 * 96
+    _, ver, found = w.get(np.array([0, 800, 1599], dtype=np.int64))
+    assert found.tolist() == [False, True, True]
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(1, 4)), min_size=1, max_size=40))
+def test_latest_per_key_matches_a_dict_model(rows: list[tuple[int, int]]) -> None:
+    keys = np.array([k for k, _ in rows], dtype=np.int64)
+    versions = np.array([v for _, v in rows], dtype=np.int64)
+    model: dict[int, tuple[int, int]] = {}  # key -> (version, row index); ties: the later row
+    for i, (k, v) in enumerate(rows):
+        if k not in model or v >= model[k][0]:
+            model[k] = (v, i)
+    k, v, (idx,) = latest_per_key(keys, versions, np.arange(len(rows)))
+    assert k.tolist() == sorted(model)
+    assert [(int(a), int(b)) for a, b in zip(v, idx, strict=True)] == [model[x] for x in k.tolist()]
