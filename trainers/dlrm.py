@@ -40,15 +40,26 @@ class DLRM(nn.Module):
     Parameter names match :class:`servers.model.DenseModel`'s layout.
     """
 
-    def __init__(self, tables: dict[str, int], dim: int, num_dense: int, hidden: int = 32) -> None:
+    def __init__(
+        self,
+        tables: dict[str, int],
+        dim: int,
+        num_dense: int,
+        hidden: int = 32,
+        max_norm: float | None = None,
+    ) -> None:
         super().__init__()
         self.table_names = list(tables)
+        # max_norm: rows are renormalised when looked up; keeps logits in range under drift
         self.emb = nn.ModuleDict(
-            {name: nn.Embedding(rows, dim, sparse=True) for name, rows in tables.items()}
+            {
+                name: nn.Embedding(rows, dim, sparse=True, max_norm=max_norm)
+                for name, rows in tables.items()
+            }
         )
         for e in self.emb.values():
             assert isinstance(e, nn.Embedding)
-            nn.init.normal_(e.weight, std=0.05)
+            nn.init.normal_(e.weight, std=0.2)
         self.bottom = nn.Sequential(nn.Linear(num_dense, dim), nn.ReLU())
         f = 1 + len(tables)
         self.top = nn.Sequential(
@@ -120,6 +131,7 @@ class OnlineTrainer:
         dense_every: int = 1,
         lr_embedding: float = 0.1,
         lr_dense: float = 0.01,
+        max_norm: float | None = 2.0,
         publish: bool = True,
         torch_threads: int = 1,
     ) -> None:
@@ -149,7 +161,7 @@ class OnlineTrainer:
         self.dim = dims.pop()
         self.model = DLRM(
             {self.user_table: self.spec.max_users, self.item_table: self.spec.max_items},
-            self.dim, self.spec.num_dense,
+            self.dim, self.spec.num_dense, max_norm=max_norm,
         )  # fmt: skip
         self._opt_sparse = torch.optim.SparseAdam(
             list(self.model.emb.parameters()), lr=lr_embedding

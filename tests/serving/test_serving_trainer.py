@@ -83,7 +83,7 @@ def test_numpy_serving_head_equals_the_torch_model() -> None:
 def test_trainer_learns_the_hidden_truth() -> None:
     tr = OnlineTrainer(Config(tables=TABLES), publish=False)
     tr.run(steps=600)
-    assert tr.stats.auc_ewma > 0.68  # progressive validation: scored before training on each batch
+    assert tr.stats.auc_ewma > 0.7  # progressive validation: scored before training on each batch
 
 
 def test_trainer_rejects_configs_it_cannot_train() -> None:
