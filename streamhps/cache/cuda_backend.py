@@ -89,9 +89,32 @@ class CudaCache(EmbeddingCache):
             self._locks = cp.zeros(nb, dtype=cp.int32)
             self._counters = cp.zeros(8, dtype=cp.uint64)
         self.stream.synchronize()
+        self._warm_up()
         log.info(
             "cuda cache: %d slots x dim %d %s, %d bytes", slots, dim, self.dtype, self.memory_bytes
         )
+
+    def _warm_up(self) -> None:
+        """Run every operation once on two throw-away rows, then forget them and the counters.
+
+        CuPy compiles its own element-wise, sort and reduction kernels on first use, which takes
+        seconds; done here, that happens before a worker reports ready, not on its ingest thread
+        while it is supposed to be keeping up with the stream.
+        """
+        keys = np.array([1, 2], dtype=np.int64)
+        vals = np.zeros((2, self.dim), dtype=self.dtype)
+        vers = np.array([1, 1], dtype=np.int64)
+        self.upsert(keys, vals, vers)
+        self.update_if_present(keys, vals, vers + 1)
+        self.lookup(keys)
+        self.get_versions(keys)
+        self.evict(keys[:1])
+        self.clear()
+        with self._lock, self._on_stream():
+            self._counters.fill(0)
+            self._looked_up = 0
+            self._counts = dict.fromkeys(self._counts, 0)
+        self.stream.synchronize()
 
     # ------------------------------------------------------------------ helpers
     @contextlib.contextmanager

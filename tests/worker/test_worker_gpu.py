@@ -35,9 +35,11 @@ def test_cuda_worker_serves_stream_and_store(worker_env, tmp_path: Path) -> None
             time.sleep(0.01)
         pub.publish("user", keys, table_rows(keys, 2), 2)
         pub.commit(2)
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
-            dev = w.lookup_device("user", keys, consistency="bounded")
+            # the first device lookups JIT-compile CuPy kernels (seconds, once per process):
+            # a bounded read may wait for the worker to catch up, as users are told to
+            dev = w.lookup_device("user", keys, consistency="bounded", timeout=10)
             if bool((dev[:, 0] == 2).all()):
                 break
             time.sleep(0.005)
