@@ -15,7 +15,9 @@ from streamhps.broker import free_port, wait_for_port
 
 
 def streamhps(*args: str, **kw) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streamhps", *args], capture_output=True, text=True, timeout=60, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "streamhps", *args], capture_output=True, text=True, timeout=60, **kw
+    )
 
 
 @pytest.mark.integration
