@@ -578,6 +578,9 @@ def _jsonable(x: Any) -> Any:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "streamhps"
+    # Headers and body go out in separate writes; with Nagle on, the body waits for the
+    # client's delayed ACK (~40 ms per keep-alive request).
+    disable_nagle_algorithm = True
 
     @property
     def app(self) -> InferenceServer:
@@ -701,12 +704,18 @@ class _Handler(BaseHTTPRequestHandler):
                      "X-Streamhps-Shape": f"{vecs.shape[0]},{vecs.shape[1] if vecs.ndim == 2 else 0}"},
                 )  # fmt: skip
             else:
-                self._json(200, app.handle_lookup_json(self._json_body(body)))
+                self._json(200, app.handle_lookup_json(self._json_body(body)), clean=True)
         elif path == "/v1/predict":
-            self._json(200, app.handle_predict(self._json_body(body)))
+            self._json(200, app.handle_predict(self._json_body(body)), clean=True)
 
-    def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(_jsonable(obj), separators=(",", ":"), allow_nan=False).encode()
+    def _json(
+        self, status: int, obj: Any, headers: dict[str, str] | None = None, *, clean: bool = False
+    ) -> None:
+        """``clean=True``: ``obj`` holds only JSON types already (rows via ``tolist()``): skip the
+        per-element walk, which costs more than the encoding on large answers."""
+        data = json.dumps(
+            obj if clean else _jsonable(obj), separators=(",", ":"), allow_nan=False
+        ).encode()
         self._send(status, data, "application/json", headers)
 
     def _send(

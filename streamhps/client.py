@@ -9,7 +9,8 @@
     vecs = client.lookup("user", [1, 2, 3])            # numpy [3, dim]
     scores = client.predict({"user": [1], "item": [7]}, dense=[[0.1, 0.2]])
 
-Large lookups travel in the binary form (int64 keys in, raw ``[n, dim]`` out). Errors the
+Lookups travel in the binary form (int64 keys in, raw ``[n, dim]`` out; ``binary=False``
+for the JSON form). Errors the
 server reports are raised as streamhps exceptions carrying the server's message:
 :class:`~streamhps.errors.UnknownTableError`, :class:`~streamhps.errors.MissingKeyError`,
 :class:`~streamhps.errors.StaleReadError`, else :class:`~streamhps.errors.ServerError`
@@ -23,6 +24,7 @@ import asyncio
 import http.client
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -46,7 +48,6 @@ _ERRORS: dict[str, type[StreamHPSError]] = {
     "MissingKeyError": MissingKeyError,
     "StaleReadError": StaleReadError,
 }
-BINARY_THRESHOLD = 4096  # keys; above this, lookup() uses the binary form
 
 
 class InferenceClient:
@@ -71,17 +72,18 @@ class InferenceClient:
         keys: Sequence[int] | np.ndarray,
         *,
         consistency: str = "eventual",
-        binary: bool | None = None,
+        binary: bool = True,
     ) -> np.ndarray:
-        """Vectors of ``keys`` in ``table`` as numpy ``[n, dim]`` (the table's dtype)."""
+        """Vectors of ``keys`` in ``table`` as numpy ``[n, dim]`` (the table's dtype).
+
+        ``binary=True`` (default) sends int64 keys and gets raw rows back; ``False`` uses the
+        JSON form (the same rows, ~100x slower for large batches: every float is printed)."""
         k = np.asarray(keys)
         if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
             raise ValueError(
                 f"keys must be a flat sequence of integer ids, got dtype {k.dtype} shape {k.shape}"
             )
         k = k.view(np.int64) if k.dtype == np.uint64 else k.astype(np.int64, copy=False)
-        if binary is None:
-            binary = k.size > BINARY_THRESHOLD
         if binary:
             path = f"/v1/lookup?table={quote(table)}&consistency={quote(consistency)}"
             body = np.ascontiguousarray(k, dtype="<i8").tobytes()
@@ -191,6 +193,9 @@ class InferenceClient:
                 else http.client.HTTPConnection
             )
             conn = klass(self._host, self._port, timeout=self.timeout)
+            conn.connect()
+            # small requests must not wait for a delayed ACK (Nagle)
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._local.conn = conn
         return conn
 

@@ -45,17 +45,20 @@ def test_lookups_return_exactly_the_published_rows(deployment) -> None:  # type:
     c = deployment.client
     for table, (keys, vecs) in deployment.rows.items():
         pick = np.random.default_rng(1).choice(keys.size, 50, replace=False)
-        got = c.lookup(table, keys[pick])  # JSON form
+        got = c.lookup(table, keys[pick], binary=False)  # JSON form
         assert got.dtype == np.float32 and got.shape == (50, 8)
         np.testing.assert_array_equal(got, vecs[pick])
         got_bin = c.lookup(table, keys, binary=True)  # binary form, every key (both partitions)
         np.testing.assert_array_equal(got_bin, vecs)
 
 
-def test_large_batches_use_the_binary_form_and_stay_exact(deployment) -> None:  # type: ignore[no-untyped-def]
+def test_large_batches_with_repeated_keys_stay_exact(deployment) -> None:  # type: ignore[no-untyped-def]
     keys, vecs = deployment.rows["user"]
-    idx = np.random.default_rng(2).integers(0, keys.size, 9000)  # > BINARY_THRESHOLD, with repeats
-    np.testing.assert_array_equal(deployment.client.lookup("user", keys[idx]), vecs[idx])
+    idx = np.random.default_rng(2).integers(0, keys.size, 9000)  # with repeats
+    for binary in (True, False):
+        np.testing.assert_array_equal(
+            deployment.client.lookup("user", keys[idx], binary=binary), vecs[idx]
+        )
 
 
 def test_published_updates_become_visible(deployment) -> None:  # type: ignore[no-untyped-def]
