@@ -193,9 +193,6 @@ class InferenceClient:
                 else http.client.HTTPConnection
             )
             conn = klass(self._host, self._port, timeout=self.timeout)
-            conn.connect()
-            # small requests must not wait for a delayed ACK (Nagle)
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._local.conn = conn
         return conn
 
@@ -206,6 +203,11 @@ class InferenceClient:
         for attempt in (0, 1):  # one retry: a keep-alive connection the server closed meanwhile
             conn = self._conn()
             try:
+                if conn.sock is None:
+                    conn.connect()
+                    # small requests must not wait for a delayed ACK (Nagle)
+                    sock: socket.socket = getattr(conn, "sock")  # noqa: B009 - set by connect()
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn.request(method, path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()

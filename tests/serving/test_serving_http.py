@@ -293,3 +293,14 @@ def test_readyz_answers_503_with_the_reason_when_the_worker_is_not_ready(deploym
         assert code == 503 and json.loads(data) == {"ready": False, "reason": "not started"}
         with pytest.raises(ServerError, match="not ready after .*not started"):
             InferenceClient(server.url).wait_ready(timeout=0.3)
+
+
+def test_unreachable_server_raises_server_error() -> None:
+    from streamhps.broker import free_port
+
+    c = InferenceClient(f"http://127.0.0.1:{free_port()}", timeout=2)
+    with pytest.raises(ServerError, match="Connection refused"):
+        c.status()
+    assert c.healthy() is False
+    with pytest.raises(ServerError, match="not ready after"):
+        c.wait_ready(timeout=0.3)
