@@ -310,7 +310,7 @@ def _traffic_loop(
     ingest: list[float] = []
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    state: dict[str, Any] = {"last_sample": {}, "applied": {}, "served": 0}
+    state: dict[str, Any] = {"last_sample": {}, "applied": {}, "served": 0, "url": client.url}
     next_poll = t0
 
     def close_window(w: _Window) -> None:
@@ -473,6 +473,7 @@ def _live_view(
         "cache",
         f"hit ratio {_fmt(hit[-1] if hit else None)}   ingest {_fmt(ingest[-1] if ingest else None, '.0f')} rows/s",
     )
+    t.add_row("status page", f"{state.get('url', '-')}/  (live charts)")
     t.add_row(
         "predict",
         f"p50 {_fmt(_ms(_quantile(latencies, 0.5)), '.1f')} ms  p99 {_fmt(_ms(_quantile(latencies, 0.99)), '.1f')} ms  errors {sum(errors.values())}",
@@ -591,7 +592,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_term)
+    if args.verbose <= 1:  # per-commit INFO lines would scroll the live view away
+        logging.getLogger().setLevel(logging.WARNING)
     summary = run_demo(opts, console)
+    console.print()
     print_summary(summary, console)
     if opts.summary_json:
         Path(opts.summary_json).write_text(json.dumps(summary, indent=2, default=_json_default))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import threading
 from typing import Any
@@ -27,6 +28,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from trainers.dlrm_args import stream_spec_from_args
 
     cfg = Config.load(args.config)
+    if args.verbose <= 1:  # the progress bar says what the per-commit INFO lines would
+        logging.getLogger().setLevel(logging.WARNING)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
