@@ -246,16 +246,18 @@ def test_predict_answers_503_until_a_dense_model_then_matches_the_model(deployme
         "top.2.weight": rng.standard_normal((1, 4)).astype(np.float32),
         "top.2.bias": rng.standard_normal(1).astype(np.float32),
     }
-    deployment.publisher.publish_dense(state, version=5)
+    current = deployment.server.model
+    version = (current.version if current else 0) + 1
+    deployment.publisher.publish_dense(state, version=version)
     deployment.publisher.flush()
     deadline = time.monotonic() + 15
-    while deployment.server.model is None or deployment.server.model.version < 5:
+    while deployment.server.model is None or deployment.server.model.version < version:
         assert time.monotonic() < deadline, "dense model never arrived"
         time.sleep(0.05)
     out = c.predict_raw(feats, dense_x)
-    assert out["dense_version"] == 5
+    assert out["dense_version"] == version
     item_vecs = deployment.client.lookup("item", ik[:20])
-    want = DenseModel(state, ["user", "item"], 5).predict([uv[:20], item_vecs], dense_x)
+    want = DenseModel(state, ["user", "item"], version).predict([uv[:20], item_vecs], dense_x)
     np.testing.assert_allclose(out["scores"], want, rtol=1e-5, atol=1e-6)
     # malformed predicts say what is wrong
     with pytest.raises(ServerError, match="lacks ids for table"):
@@ -304,3 +306,60 @@ def test_unreachable_server_raises_server_error() -> None:
     assert c.healthy() is False
     with pytest.raises(ServerError, match="not ready after"):
         c.wait_ready(timeout=0.3)
+
+
+def test_dense_updates_swap_atomically_under_traffic(deployment) -> None:  # type: ignore[no-untyped-def]
+    """Every answer equals the forward pass of exactly the version it reports: no request ever
+    sees a half-swapped model."""
+    import threading
+
+    c = deployment.client
+    uk, uv = deployment.rows["user"]
+    ik, _ = deployment.rows["item"]
+    feats = {"user": uk[:64], "item": ik[:64]}
+    x = np.random.default_rng(5).standard_normal((64, 2)).astype(np.float32)
+    item_vecs = c.lookup("item", ik[:64])
+    states: dict[int, dict[str, np.ndarray]] = {}
+    current = deployment.server.model
+    base = (current.version if current else 0) + 1  # above any version another test published
+    for v in range(base, base + 6):
+        rng = np.random.default_rng(v)
+        states[v] = {
+            "bottom.0.weight": rng.standard_normal((8, 2)).astype(np.float32),
+            "bottom.0.bias": rng.standard_normal(8).astype(np.float32),
+            "top.0.weight": rng.standard_normal((4, 11)).astype(np.float32),
+            "top.0.bias": rng.standard_normal(4).astype(np.float32),
+            "top.2.weight": rng.standard_normal((1, 4)).astype(np.float32),
+            "top.2.bias": rng.standard_normal(1).astype(np.float32),
+        }
+    want = {
+        v: DenseModel(s, ["user", "item"], v).predict([uv[:64], item_vecs], x)
+        for v, s in states.items()
+    }
+    answers: list[dict] = []  # type: ignore[type-arg]
+    done = threading.Event()
+
+    def traffic() -> None:
+        while not done.is_set():
+            answers.append(c.predict_raw(feats, x))
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        for v, s in states.items():
+            deployment.publisher.publish_dense(s, version=v)
+            deployment.publisher.flush()
+            time.sleep(0.3)
+        deadline = time.monotonic() + 15
+        while deployment.server.model is None or deployment.server.model.version < base + 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.2)
+    finally:
+        done.set()
+        t.join(10)
+    seen = {a["dense_version"] for a in answers if a["dense_version"] in want}
+    assert len(seen) >= 3, seen  # the swaps happened under traffic
+    for a in answers:
+        if a["dense_version"] in want:
+            np.testing.assert_allclose(a["scores"], want[a["dense_version"]], rtol=1e-5, atol=1e-6)
