@@ -157,6 +157,44 @@ def wait_for_offsets(
     _wait(f"offsets {dict(offsets)} in {store_dir}", cond, timeout, proc)
 
 
+class FakeMessage:
+    """A stand-in for a consumed ``confluent_kafka.Message`` (the accessors the code calls), so
+    that processor and worker logic can be tested without a broker."""
+
+    def __init__(
+        self,
+        topic: str,
+        partition: int,
+        offset: int,
+        value: bytes | None,
+        key: bytes | None = None,
+        error: Any = None,
+    ) -> None:
+        self._topic, self._partition, self._offset = topic, partition, offset
+        self._value, self._key, self._error = value, key, error
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def key(self) -> bytes | None:
+        return self._key
+
+    def error(self) -> Any:
+        return self._error
+
+    def headers(self) -> list[tuple[str, bytes]] | None:
+        return None
+
+
 def write_config(path: str | os.PathLike[str], text: str) -> Path:
     """Write a config TOML (tests build them inline)."""
     p = Path(path)
@@ -165,6 +203,7 @@ def write_config(path: str | os.PathLike[str], text: str) -> Path:
 
 
 __all__ = [
+    "FakeMessage",
     "kill_processor",
     "start_processor",
     "stop_processor",

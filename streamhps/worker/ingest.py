@@ -22,6 +22,7 @@ from confluent_kafka import KafkaError, KafkaException
 from streamhps import wire
 from streamhps.config import TableSpec
 from streamhps.errors import WireError
+from streamhps.partitioning import partition_of
 from streamhps.worker.dlq import DeadLetters
 from streamhps.worker.staleness import LagTracker
 from streamhps.worker.window import RecentRows, latest_per_key
@@ -202,6 +203,11 @@ class Ingestor:
             reason = wire.check_update(dec, dim=st.spec.dim, dtype=st.spec.dtype)
             if reason is not None:
                 self.dlq.send(m, reason)
+                continue
+            if dec.partition != part or (
+                dec.row_count and bool((partition_of(dec.keys, st.spec.partitions) != part).any())
+            ):
+                self.dlq.send(m, "wrong_partition")  # the processor refuses it: LMDB never holds it
                 continue
             published_us.append(dec.publish_ts_us)
             if dec.is_marker:

@@ -1,0 +1,92 @@
+"""The worker's ingest logic on fake messages: no broker, no LMDB."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from streamhps import wire
+from streamhps.cache import make_cache
+from streamhps.config import TableSpec
+from streamhps.partitioning import partition_of
+from streamhps.testing import FakeMessage
+from streamhps.worker.ingest import Ingestor, TableState
+from streamhps.worker.staleness import LagTracker
+from streamhps.worker.window import RecentRows
+
+SPEC = TableSpec(name="user", dim=4, partitions=4)
+TOPIC = "t.user"
+
+
+class _Consumer:
+    def __init__(self, batches: list[list[Any]]) -> None:
+        self.batches = batches
+
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        return self.batches.pop(0) if self.batches else []
+
+
+class _DeadLetters:
+    def __init__(self) -> None:
+        self.sent: Counter[str] = Counter()
+
+    def send(self, msg: Any, reason: str) -> None:
+        self.sent[reason] += 1
+
+    def poll(self) -> None:
+        pass
+
+
+class _Store:
+    def offsets(self) -> dict[tuple[str, int], int]:
+        return {}
+
+    def partition_applied_versions(self, table: str) -> dict[int, int]:
+        return {}
+
+
+def _ingestor(msgs: list[Any]) -> tuple[Ingestor, TableState]:
+    st = TableState(
+        SPEC,
+        TOPIC,
+        make_cache("numpy", capacity=1024, dim=SPEC.dim),
+        RecentRows(SPEC.dim, SPEC.np_dtype, SPEC.partitions),
+    )
+    ing = Ingestor(
+        _Consumer([msgs]), {SPEC.name: st}, "t.dense", LagTracker({SPEC.name: 4}),
+        _DeadLetters(), _Store(),  # type: ignore[arg-type]
+    )  # fmt: skip
+    return ing, st
+
+
+def _keys_of(partition: int, n: int = 16) -> np.ndarray:
+    k = np.arange(10_000, dtype=np.int64)
+    return k[partition_of(k, SPEC.partitions) == partition][:n]
+
+
+def test_worker_does_not_apply_rows_of_another_partition() -> None:
+    """Rows that belong to partition 1, in a message on Kafka partition 0 (whether the envelope
+    says 1 or lies and says 0), never reach the cache or the window: the processor refuses the
+    same message (wrong_partition), so LMDB never holds those rows."""
+    keys = _keys_of(1)
+    vec = np.ones((keys.shape[0], SPEC.dim), np.float32)
+    honest = wire.encode_update("user", keys, vec, 5, partition=1)
+    lying = wire.encode_update("user", keys, vec, 6, partition=0)
+    good_keys = _keys_of(0)
+    good = wire.encode_update(
+        "user", good_keys, np.ones((good_keys.shape[0], SPEC.dim), np.float32), 7, partition=0
+    )
+    ing, st = _ingestor(
+        [FakeMessage(TOPIC, 0, 0, honest), FakeMessage(TOPIC, 0, 1, lying),
+         FakeMessage(TOPIC, 0, 2, good)]
+    )  # fmt: skip
+    ing.step()
+    _, hit = st.cache.lookup(keys)
+    assert not hit.any(), "rows of partition 1 consumed from partition 0 were applied"
+    _, _, in_window = st.window.get(keys)
+    assert not in_window.any()
+    _, good_hit = st.cache.lookup(good_keys)
+    assert good_hit.all()
+    assert ing.counters.rows == good_keys.shape[0]
