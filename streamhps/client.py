@@ -63,6 +63,9 @@ class InferenceClient:
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self.timeout = timeout
         self._local = threading.local()
+        # every thread's connection, so that close() reaches those of other threads too
+        self._conns: set[http.client.HTTPConnection] = set()
+        self._conns_lock = threading.Lock()
 
     # ------------------------------------------------------------------ API
 
@@ -171,10 +174,20 @@ class InferenceClient:
             time.sleep(interval)
 
     def close(self) -> None:
+        """Close the connections of every thread (a later call reconnects)."""
+        with self._conns_lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            conn.close()
+
+    def _drop_conn(self) -> None:
+        """Close this thread's connection only (after an error on it)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+            with self._conns_lock:
+                self._conns.discard(conn)
 
     def __enter__(self) -> InferenceClient:
         return self
@@ -194,6 +207,8 @@ class InferenceClient:
             )
             conn = klass(self._host, self._port, timeout=self.timeout)
             self._local.conn = conn
+        with self._conns_lock:
+            self._conns.add(conn)  # again after close(): the thread keeps its (closed) object
         return conn
 
     def _request(
@@ -213,7 +228,7 @@ class InferenceClient:
                 data = resp.read()
                 return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
             except (ConnectionError, http.client.HTTPException, OSError) as e:
-                self.close()
+                self._drop_conn()
                 if attempt:
                     raise ServerError(
                         f"{method} {self.url}{path} failed: {type(e).__name__}: {e}"
