@@ -143,6 +143,9 @@ def _release_env(p: Path) -> None:
 
 
 _ABSENT = object()
+# LMDB: open_db must not run in two transactions of one process at once; it also guards the
+# stores' handle tables, which threads share.
+_HANDLES_LOCK = threading.Lock()
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -152,18 +155,29 @@ class _NeedHandle(Exception):
 
 
 def _reads(fn: _F) -> _F:
-    """Retry a read method after opening the database handles it found missing."""
+    """Retry a read method after opening the database handles it found missing.
+
+    Several threads share one store (HTTP threads, the ingest thread): the handle table is
+    changed under ``_HANDLES_LOCK`` only, and a read txn that began before another thread opened
+    a handle it then uses gets EINVAL from LMDB; it is retried in a new txn, which sees it.
+    """
 
     @functools.wraps(fn)
     def wrapper(self: LmdbStore, *args: Any, **kwargs: Any) -> Any:
-        for name in [k for k, v in self._dbs.items() if v is _ABSENT]:
-            del self._dbs[name]  # it may exist by now
+        if self._absent:
+            with _HANDLES_LOCK:
+                for name in [k for k, v in self._dbs.items() if v is _ABSENT]:
+                    del self._dbs[name]  # it may exist by now
+                self._absent = False
+        last: Exception | None = None
         for _ in range(64):
             try:
                 return fn(self, *args, **kwargs)
             except _NeedHandle as e:
                 self._open_handle(e.name)
-        raise StoreError(f"cannot open the databases of {self.path}")
+            except lmdb.InvalidParameterError as e:
+                last = e
+        raise StoreError(f"cannot open the databases of {self.path}: {last}")
 
     return wrapper  # type: ignore[return-value]
 
@@ -175,7 +189,8 @@ class LmdbStore(StoreWriter):
         self._env = env
         self.path = path
         self.readonly = readonly
-        self._dbs: dict[bytes, Any] = {}
+        self._dbs: dict[bytes, Any] = {}  # changed under _HANDLES_LOCK only
+        self._absent = False  # some name in _dbs is _ABSENT
         self._specs: dict[str, TableSpec] | None = None
         self._held: dict[str, list[int]] = {}
         self._closed = False
@@ -254,15 +269,20 @@ class LmdbStore(StoreWriter):
                 # A read txn cannot use a handle opened after it began (and one opened inside
                 # it dies with it): abort, open the handle outside, retry (see _reads).
                 raise _NeedHandle(name)
-            db = self._env.open_db(name, txn=txn, create=True)
-            self._dbs[name] = db
+            with _HANDLES_LOCK:
+                db = self._env.open_db(name, txn=txn, create=True)
+                self._dbs[name] = db
         return db
 
     def _open_handle(self, name: bytes) -> None:
-        try:
-            self._dbs[name] = self._env.open_db(name, create=False)
-        except lmdb.NotFoundError:
-            self._dbs[name] = _ABSENT
+        with _HANDLES_LOCK:
+            if self._dbs.get(name) not in (None, _ABSENT):
+                return  # another thread opened it meanwhile
+            try:
+                self._dbs[name] = self._env.open_db(name, create=False)
+            except lmdb.NotFoundError:
+                self._dbs[name] = _ABSENT
+                self._absent = True
 
     def _load_meta(self, txn: lmdb.Transaction) -> dict[str, TableSpec]:
         meta = self._db(_META, txn)

@@ -187,3 +187,41 @@ def test_reader_in_another_process_sees_each_commit(store: LmdbStore) -> None:
     proc.stdin.close()
     proc.wait(10)
     assert seen == [["10", "1", "True"], ["20", "2", "True"], ["30", "3", "True"]]
+
+
+def test_first_reads_from_many_threads_at_once(tmp_path: Path) -> None:
+    """HTTP threads and the ingest thread share one read-only store: their first reads open
+    the database handles at the same time, and none of them may fail for it."""
+    import threading
+
+    with LmdbStore.open(tmp_path, readonly=False) as w:
+        w.ensure_tables({"user": SPEC})
+        w.write_batch(_batch([1, 2, 3], 1, offsets={("t.user", 0): 3}))
+    keys = np.arange(8, dtype=np.int64)
+    errors: list[str] = []
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often: the race shows within a few rounds
+    try:
+        for _ in range(30):
+            st = LmdbStore.open(tmp_path, readonly=True)
+            barrier = threading.Barrier(8)
+
+            def read(st: LmdbStore = st, barrier: threading.Barrier = barrier) -> None:
+                barrier.wait()
+                try:
+                    for _ in range(20):
+                        assert st.get("user", keys)[2].sum() == 3
+                        assert st.offsets() == {("t.user", 0): 3}
+                        st.partition_applied_versions("user")
+                except Exception as e:  # noqa: BLE001 - collected and reported below
+                    errors.append(repr(e))
+
+            threads = [threading.Thread(target=read) for _ in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            st.close()
+    finally:
+        sys.setswitchinterval(old)
+    assert not errors, f"{len(errors)} failed reads, e.g. {sorted(set(errors))[:3]}"
