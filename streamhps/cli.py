@@ -116,6 +116,9 @@ def _register_extensions(sub: Any) -> None:
     from streamhps.processor.cli import register as _register_processor
 
     _register_processor(sub)  # processor, inspect, snapshot
+    from streamhps.placement_cli import register as _register_plan
+
+    _register_plan(sub)  # plan
     from servers.cli import register as _register_serve
     from trainers.cli import register as _register_train
 

@@ -4,6 +4,7 @@
 
     StreamHPSError                  root: catch this to catch everything below
     ├── ConfigError                 the config file or arguments are wrong; fix them and restart
+    │   └── PlacementError          a placement plan does not fit, or does not match the config
     ├── WireError                   bytes that are not a valid streamhps message
     │   └── SchemaVersionError      a message written by a newer/older, incompatible schema
     ├── ValidationError             a publish call was refused before anything was sent
@@ -16,6 +17,8 @@
     ├── CacheError                  an embedding cache was used wrongly (capacity, dim, dtype)
     ├── MissingKeyError             a key was never seen and the table's policy is "error"
     ├── StaleReadError              a bounded read found the worker past its staleness bound
+    │   └── ShardUnavailableError   a sparse shard a request needs cannot be reached
+    ├── NotOwnedError               a sharded worker was asked for a key another shard serves
     ├── HistoryLostError            the broker no longer holds offsets that were stored
     └── ServerError                 the inference server answered with an error
 """
@@ -29,6 +32,11 @@ class StreamHPSError(Exception):
 
 class ConfigError(StreamHPSError, ValueError):
     """The configuration is invalid; the message names the key. Fix the file and restart."""
+
+
+class PlacementError(ConfigError):
+    """A placement plan does not fit the shards' capacity (the message says by how much), or the
+    placement file does not match the config. Plan again with ``streamhps plan``."""
 
 
 class WireError(StreamHPSError, ValueError):
@@ -83,6 +91,19 @@ class MissingKeyError(StreamHPSError, KeyError):
 
 class StaleReadError(StreamHPSError):
     """A bounded-consistency read found the worker further behind than ``max_staleness_s``."""
+
+
+class ShardUnavailableError(StaleReadError):
+    """A sparse shard that serves some of the request's keys cannot be reached or is not ready;
+    the message names it. Restart the shard (or wait for it) and retry."""
+
+
+class NotOwnedError(StreamHPSError, KeyError):
+    """A sharded worker was asked for keys of partitions another shard serves; the message names
+    the owner. Send lookups through the main shard or a ``ShardedClient``, which route by owner."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 class HistoryLostError(StreamHPSError):
