@@ -1,7 +1,7 @@
 """Processor into LMDB: rows/s of the processor's data path beside raw py-lmdb sorted putmulti.
 
-The processor path per batch: ``wire.decode`` + ``check_update`` of every message (bytes as
-they come from Kafka), compaction (highest version per key, one batched read of the stored
+The processor path per batch: ``validation.check_table_message`` of every message (decode and
+every check, on the bytes as they come from Kafka), compaction (highest version per key, one batched read of the stored
 versions) and one write transaction of sorted rows, offsets and markers
 (:meth:`LmdbStore.write_batch`). The ceiling, measured in the same run on the same disk with
 the same sync settings and the same rows per transaction: build the ``(key, value)`` bytes of
@@ -33,6 +33,7 @@ from streamhps import wire
 from streamhps.config import TableSpec
 from streamhps.store import LmdbStore, WriteBatch
 from streamhps.store.lmdb_store import encode_keys
+from streamhps.validation import Rejected, check_table_message
 
 KEY_SPACE = 1_000_000
 ROWS_PER_MESSAGE = 1024
@@ -67,9 +68,9 @@ def run_pipeline(path: str, spec: TableSpec, messages: list[bytes], sync: bool) 
     for lo in range(0, len(messages), MESSAGES_PER_BATCH):
         batch = WriteBatch()
         for i, raw in enumerate(messages[lo : lo + MESSAGES_PER_BATCH], start=lo):
-            m = wire.decode(raw)
-            if wire.check_update(m, dim=spec.dim, dtype=spec.dtype) is not None:
-                raise AssertionError("bench messages must be valid")
+            m = check_table_message(raw, spec, 0, (spec.name,))
+            if isinstance(m, Rejected):
+                raise AssertionError(f"bench messages must be valid: {m}")
             batch.table_rows(spec.name).add(m.keys, m.vectors, m.versions())
             batch.offsets[("bench." + spec.name, 0)] = i + 1
         res = st.write_batch(batch)[spec.name]

@@ -188,7 +188,7 @@ def latency_run(
         "probe_p50_ms": float(np.percentile(probe_ms, 50)) if probe_ms else None,
         "probe_p99_ms": float(np.percentile(probe_ms, 99)) if probe_ms else None,
         "probe_samples": len(probe_ms),
-        "dlq": stats.get("dlq", {}).get("count", 0),
+        "rejected": stats.get("rejected", {}).get("count", 0),
     }
 
 

@@ -538,10 +538,13 @@ class InferenceServer:
         )
         for t, r in (last.get("ingest_rows_per_s") or {}).items():
             lines.append(f'streamhps_ingest_rows_per_second{{table="{t}"}} {r}')
-        dlq_stats = stats.get("dlq") if isinstance(stats, dict) else None
-        dlq = dlq_stats.get("count") if isinstance(dlq_stats, dict) else _stat(stats, "dlq_count")
-        family("streamhps_dlq_messages_total", "counter", "Messages routed to a dead-letter topic.")
-        lines.append(f"streamhps_dlq_messages_total {int(dlq or 0)}")
+        rejected = stats.get("rejected") if isinstance(stats, dict) else None
+        family(
+            "streamhps_rejected_messages_total", "counter",
+            "Messages the worker skipped (the processor dead-letters them), by reason.",
+        )  # fmt: skip
+        for reason, n in sorted(((rejected or {}).get("by_reason") or {}).items()):
+            lines.append(f'streamhps_rejected_messages_total{{reason="{reason}"}} {int(n)}')
         family(
             "streamhps_lookup_latency_seconds", "histogram", "Worker lookup latency per request."
         )

@@ -410,7 +410,7 @@ def _byte_view(part: Any) -> memoryview:
 # ---------------------------------------------------------------- decode
 
 
-def decode(data: bytes | bytearray | memoryview) -> Message:
+def decode(data: bytes | bytearray | memoryview | None) -> Message:
     """Decode one message. Arrays are read-only views into ``data`` (no copy).
 
     Raises :class:`WireError` (or :class:`SchemaVersionError`) naming what is wrong.
@@ -489,26 +489,6 @@ def all_finite(a: np.ndarray) -> bool:
     if a.dtype == np.float16:
         return not bool(((a.view(np.uint16) & 0x7C00) == 0x7C00).any())
     return bool(np.isfinite(a).all())
-
-
-def check_update(msg: Message, *, dim: int, dtype: str) -> str | None:
-    """Why an update cannot be applied to a table of ``dim``/``dtype``, or None if it can.
-
-    The reason strings are the DLQ ``reason`` header values (processor and worker share them).
-    """
-    if msg.version <= 0:
-        return "version_not_positive"
-    if msg.is_marker:
-        return None
-    if msg.dim != dim:
-        return "wrong_dim"
-    if msg.dtype != dtype:
-        return "wrong_dtype"
-    if msg.row_versions is not None and msg.row_count and int(msg.row_versions.min()) <= 0:
-        return "version_not_positive"
-    if msg.row_count and not all_finite(msg.vectors):
-        return "non_finite"
-    return None
 
 
 # ---------------------------------------------------------------- safetensors (dense payload)

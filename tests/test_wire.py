@@ -144,25 +144,6 @@ def test_none_value_is_wire_error() -> None:
         wire.decode(None)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    ("msg", "reason"),
-    [
-        (wire.encode_update("u", [1], np.ones((1, 4), np.float32), 3), None),
-        (wire.encode_update("u", [1], np.ones((1, 5), np.float32), 3), "wrong_dim"),
-        (wire.encode_update("u", [1], np.ones((1, 4), np.float16), 3), "wrong_dtype"),
-        (wire.encode_update("u", [1], np.full((1, 4), np.nan, np.float32), 3), "non_finite"),
-        (wire.encode_update("u", [1], np.ones((1, 4), np.float32), 0), "version_not_positive"),
-        (
-            wire.encode_update("u", [1], np.ones((1, 4), np.float32), 3, row_versions=[-1]),
-            "version_not_positive",
-        ),
-        (wire.encode_marker("u", 5), None),
-    ],
-)
-def test_check_update_reasons(msg: bytes, reason: str | None) -> None:
-    assert wire.check_update(wire.decode(msg), dim=4, dtype="float32") == reason
-
-
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_all_finite_finds_any_bad_element(dtype: str, bad: float) -> None:

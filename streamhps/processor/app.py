@@ -3,7 +3,8 @@
 One loop, one thread::
 
     consume up to batch_max_messages (or batch_max_seconds)
-    decode + validate each message; bad ones -> <topic>.dlq (acknowledged before the commit)
+    decode + validate each message (streamhps.validation); bad ones -> <topic>.dlq
+    (streamhps.deadletters; acknowledged before the commit)
     rows of all good messages -> compacted (highest version per key, never older than LMDB)
     rows + "next offset" of every partition + applied markers -> ONE LMDB write transaction
     (best effort) commit the same offsets to Kafka, for lag tools only
@@ -47,12 +48,12 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient
 
-from streamhps import wire
 from streamhps.config import Config, TableSpec, dlq_topic
-from streamhps.errors import PublishError, SchemaVersionError, StreamHPSError, WireError
-from streamhps.partitioning import partition_of
+from streamhps.deadletters import DeadLetterWriter
+from streamhps.errors import StreamHPSError
 from streamhps.store import LmdbStore, WriteBatch
 from streamhps.topics import admin_config, ensure_topics
+from streamhps.validation import Rejected, check_table_message
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,6 @@ _PRODUCER_ONLY = ("enable.idempotence", "acks", "linger.ms", "queue.buffering", 
                   "message.timeout.ms", "delivery.timeout.ms", "retries", "message.send.max.retries")  # fmt: skip
 _CONSUMER_ONLY = ("group.", "auto.offset", "enable.auto", "session.timeout", "fetch.", "max.poll",
                   "isolation.level", "enable.partition.eof", "heartbeat", "partition.assignment")  # fmt: skip
-
-#: DLQ ``reason`` header values this processor writes (beside wire.check_update's reasons).
-REASON_UNDECODABLE = "undecodable"
-REASON_SCHEMA = "schema_version"
-REASON_UNKNOWN_TABLE = "unknown_table"
-REASON_WRONG_TABLE = "wrong_table"
-REASON_WRONG_KIND = "unexpected_kind"
-REASON_WRONG_PARTITION = "wrong_partition"
 
 
 @dataclass
@@ -120,12 +113,12 @@ class Processor:
         self._topic_table = {config.topic(t.name): t for t in config.tables}
         self._held = {t.name: shard_partitions(t, shard) for t in config.tables}
         self._position: dict[tuple[str, int], int] = {}
-        self._dlq_errors: list[str] = []
         self._known_ids: dict[str, str | None] = {}
         self._warned: dict[str, float] = {}
         self.store: LmdbStore | None = None
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
+        self._dead_letters: DeadLetterWriter | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -163,6 +156,7 @@ class Processor:
                     "linger.ms": 5,
                 }
             )
+            self._dead_letters = DeadLetterWriter(self._producer, on_failure=self._ensure_topics)
             self._assign()
             self._loop()
         finally:
@@ -352,7 +346,7 @@ class Processor:
     def _process(self, msgs: list[Any]) -> None:
         assert self.store is not None and self._consumer is not None
         batch = WriteBatch()
-        dlq: list[tuple[Any, str, str]] = []
+        dlq: list[tuple[Any, Rejected]] = []
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -364,12 +358,11 @@ class Processor:
                 continue
             batch.offsets[(topic, p)] = off + 1
             self._position[(topic, p)] = off + 1
-            reason, detail, msg = self._validate(m, spec, p)
-            if reason is not None:
-                dlq.append((m, reason, detail))
+            msg = check_table_message(m.value(), spec, p, self._specs)
+            if isinstance(msg, Rejected):
+                dlq.append((m, msg))
                 batch.dlq[spec.name] = batch.dlq.get(spec.name, 0) + 1
                 continue
-            assert msg is not None
             batch.messages[spec.name] = batch.messages.get(spec.name, 0) + 1
             if msg.is_marker:
                 key = (spec.name, p)
@@ -377,7 +370,8 @@ class Processor:
             elif msg.row_count:
                 batch.table_rows(spec.name).add(msg.keys, msg.vectors, msg.versions())
         if dlq:
-            self._send_dlq(dlq)
+            assert self._dead_letters is not None
+            self._dead_letters.send(dlq)  # acknowledged before the offsets past them commit
         if not batch:
             return
         results = self.store.write_batch(batch)
@@ -435,107 +429,6 @@ class Processor:
             )
             return
         log.warning("consumer error on %s[%s]: %s", topic, p, err.str())
-
-    def _validate(
-        self, m: Any, spec: TableSpec, p: int
-    ) -> tuple[str | None, str, wire.Message | None]:
-        try:
-            msg = wire.decode(m.value())
-        except SchemaVersionError as e:
-            return REASON_SCHEMA, str(e), None
-        except WireError as e:
-            return REASON_UNDECODABLE, str(e), None
-        if msg.is_dense:
-            return REASON_WRONG_KIND, "a DENSE message on a table topic", None
-        if msg.table != spec.name:
-            if msg.table in self._specs:
-                return (
-                    REASON_WRONG_TABLE,
-                    f"message of table {msg.table!r} on the topic of {spec.name!r}",
-                    None,
-                )
-            return REASON_UNKNOWN_TABLE, f"table {msg.table!r} is not configured", None
-        reason = wire.check_update(msg, dim=spec.dim, dtype=spec.dtype)
-        if reason is not None:
-            return (
-                reason,
-                f"table {spec.name!r} dim={spec.dim} dtype={spec.dtype}; message dim={msg.dim} dtype={msg.dtype} version={msg.version}",
-                None,
-            )
-        if msg.partition != p or (
-            msg.row_count and bool((partition_of(msg.keys, spec.partitions) != p).any())
-        ):
-            return (
-                REASON_WRONG_PARTITION,
-                f"rows of partition {msg.partition} (or keys of others) in partition {p}",
-                None,
-            )
-        return None, "", msg
-
-    def _send_dlq(self, items: list[tuple[Any, str, str]]) -> None:
-        """Produce bad messages to ``<topic>.dlq`` and wait for the acks: the offsets past them
-        are committed to LMDB only after that, so a crash never loses one."""
-        assert self._producer is not None
-        pending = items
-        for attempt in range(3):
-            self._dlq_errors = []
-            failed: list[tuple[Any, str, str]] = []
-            for item in pending:
-                m, reason, detail = item
-                headers: list[tuple[str, str | bytes | None]] = [
-                    ("reason", reason.encode()),
-                    ("source_topic", m.topic().encode()),
-                    ("source_partition", str(m.partition()).encode()),
-                    ("source_offset", str(m.offset()).encode()),
-                    ("detail", detail.encode()[:1000]),
-                ]
-                self._produce_dlq(dlq_topic(m.topic()), m, headers, item, failed)
-                log.warning(
-                    "%s[%d]@%d -> DLQ (%s): %s",
-                    m.topic(),
-                    m.partition(),
-                    m.offset(),
-                    reason,
-                    detail,
-                )
-            remaining = self._producer.flush(15)
-            if not failed and not remaining:
-                return
-            log.error(
-                "DLQ delivery failed for %d message(s) (attempt %d): %s",
-                len(failed) or remaining,
-                attempt + 1,
-                self._dlq_errors[:3],
-            )
-            self._ensure_topics()
-            pending = failed or pending
-        raise PublishError(
-            f"cannot deliver {len(pending)} message(s) to the DLQ: {self._dlq_errors[:3]}"
-        )
-
-    def _produce_dlq(
-        self,
-        topic: str,
-        m: Any,
-        headers: list[tuple[str, str | bytes | None]],
-        item: Any,
-        failed: list[Any],
-    ) -> None:
-        assert self._producer is not None
-
-        def on_delivery(err: KafkaError | None, _msg: Any) -> None:
-            if err is not None:
-                self._dlq_errors.append(f"{topic}: {err.str()}")
-                failed.append(item)
-
-        while True:
-            try:
-                self._producer.produce(
-                    topic, m.value(), key=m.key(), headers=headers, on_delivery=on_delivery
-                )
-                return
-            except BufferError:
-                self._producer.poll(0.05)
 
 
 def _on_commit(err: KafkaError | None, partitions: list[TopicPartition]) -> None:

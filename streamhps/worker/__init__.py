@@ -2,7 +2,8 @@
 
 Modules: ``core`` (:class:`InferenceWorker`, lookups, readiness), ``ingest`` (the consume and
 apply loop), ``window`` (rows consumed that LMDB may not hold yet), ``staleness`` (how far
-behind the head each partition is), ``dlq`` (dead letters), ``missing`` (never-seen keys).
+behind the head each partition is), ``missing`` (never-seen keys). Which messages are skipped:
+:mod:`streamhps.validation`.
 """
 
 from streamhps.worker.core import InferenceWorker

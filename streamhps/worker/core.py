@@ -44,7 +44,6 @@ from streamhps.errors import (
     ValidationError,
 )
 from streamhps.topics import admin_config, ensure_topics, planned_topics
-from streamhps.worker.dlq import DeadLetters
 from streamhps.worker.ingest import DenseCallback, Fill, Ingestor, TableState
 from streamhps.worker.missing import fill_missing
 from streamhps.worker.staleness import LagTracker
@@ -110,7 +109,6 @@ class InferenceWorker:
         self._store: Any = None
         self._consumer: Any = None
         self._ingest: Ingestor | None = None
-        self._dlq: DeadLetters | None = None
         self._tracker = LagTracker({t.name: t.partitions for t in config.tables})
         self._probe_thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -200,10 +198,8 @@ class InferenceWorker:
             self._consumer = Consumer(conf, logger=logging.getLogger("streamhps.kafka"))
             assignment.append(self._dense_start())
             self._consumer.assign(assignment)
-            self._dlq = DeadLetters(self.kafka)
             self._ingest = Ingestor(
-                self._consumer, self._tables, dense_topic(self.config.topic_prefix), self._tracker, self._dlq,
-                self._store, batch_messages=self.batch_messages,
+                self._consumer, self._tables, dense_topic(self.config.topic_prefix), self._tracker, self._store, batch_messages=self.batch_messages,
             )  # fmt: skip
             self._ingest.dense_callbacks = self._dense_callbacks
             self._ingest.start()
@@ -222,7 +218,7 @@ class InferenceWorker:
         return self
 
     def stop(self) -> None:
-        """Stop ingesting and release the consumer, the DLQ producer and the store."""
+        """Stop ingesting and release the consumer and the store."""
         if self._stopped:
             return
         self._stopped = True
@@ -240,11 +236,6 @@ class InferenceWorker:
             except (KafkaException, RuntimeError) as e:
                 log.warning("closing the worker's consumer: %s", e)
             self._consumer = None
-        if self._dlq is not None:
-            left = self._dlq.flush(5.0)
-            if left:
-                log.error("%d dead letter(s) were not acknowledged before stop", left)
-            self._dlq = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -589,12 +580,9 @@ class InferenceWorker:
                     "max": float(lat.max() * 1e3),
                     "samples": int(lat.size),
                 }
-        if self._dlq is not None:
-            out["dlq"] = {
-                "count": self._dlq.count,
-                "by_reason": dict(self._dlq.sent),
-                "failed": self._dlq.failed,
-            }
+        if ing is not None:
+            # the messages the processor dead-letters, skipped here (streamhps.validation)
+            out["rejected"] = ing.rejections()
         out["tables"] = {
             name: {
                 "cache": st.cache.stats(),

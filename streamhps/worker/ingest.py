@@ -1,5 +1,9 @@
 """The worker's ingest loop: consume, decode, validate, apply whole batches to cache and window.
 
+Validation is :mod:`streamhps.validation`'s, the processor's own: a message the processor
+dead-letters is skipped here for the same reason and counted (``rejected``); workers write no
+dead letters (the processor's one copy per bad message is the record).
+
 One background thread owns the consumer, the windows and every cache write (stream updates and
 the read-through fills that lookups request), so cache writes are serialised with the stream
 and a fill can be checked against the window at the moment it is applied (invariant 3).
@@ -12,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,11 +24,8 @@ from typing import Any
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException
 
-from streamhps import wire
 from streamhps.config import TableSpec
-from streamhps.errors import WireError
-from streamhps.partitioning import partition_of
-from streamhps.worker.dlq import DeadLetters
+from streamhps.validation import Rejected, check_dense_message, check_table_message
 from streamhps.worker.staleness import LagTracker
 from streamhps.worker.window import RecentRows, latest_per_key
 
@@ -79,7 +81,6 @@ class Ingestor:
         tables: dict[str, TableState],
         dense_topic: str,
         tracker: LagTracker,
-        dlq: DeadLetters,
         store: Any,
         *,
         batch_messages: int = 1024,
@@ -91,7 +92,10 @@ class Ingestor:
         self._by_topic = {st.topic: st for st in tables.values()}
         self.dense_topic = dense_topic
         self.tracker = tracker
-        self.dlq = dlq
+        # messages skipped, by validation.Reason (the processor dead-letters them)
+        self.rejected: Counter[str] = Counter()
+        self.recent_rejections: deque[tuple[str, int, int, str]] = deque(maxlen=64)
+        self._rejected_lock = threading.Lock()
         self.store = store
         self.batch_messages = batch_messages
         self.poll_timeout_s = poll_timeout_s
@@ -147,7 +151,6 @@ class Ingestor:
         now = time.monotonic()
         if now - self._last_store_refresh >= self.store_refresh_s:
             self.refresh_store()
-        self.dlq.poll()
         return len(msgs)
 
     # ---------------------------------------------------------------- the store's progress
@@ -191,23 +194,9 @@ class Ingestor:
             c.messages += 1
             st.messages += 1
             c.bytes += len(value) if value is not None else 0
-            try:
-                dec = wire.decode(value)
-            except WireError as e:
-                log.debug("undecodable message %s[%d]@%d: %s", topic, part, off, e)
-                self.dlq.send(m, "undecodable")
-                continue
-            if dec.is_dense or dec.table != st.spec.name:
-                self.dlq.send(m, "unknown_table")
-                continue
-            reason = wire.check_update(dec, dim=st.spec.dim, dtype=st.spec.dtype)
-            if reason is not None:
-                self.dlq.send(m, reason)
-                continue
-            if dec.partition != part or (
-                dec.row_count and bool((partition_of(dec.keys, st.spec.partitions) != part).any())
-            ):
-                self.dlq.send(m, "wrong_partition")  # the processor refuses it: LMDB never holds it
+            dec = check_table_message(value, st.spec, part, self.tables)
+            if isinstance(dec, Rejected):
+                self._reject(m, dec)
                 continue
             published_us.append(dec.publish_ts_us)
             if dec.is_marker:
@@ -279,17 +268,32 @@ class Ingestor:
             st.cache.upsert(f.keys, f.vectors, f.versions)
             self.counters.fills_applied += 1
 
+    def _reject(self, m: Any, rejected: Rejected) -> None:
+        """Skip a message the processor dead-letters (for the same reason); count it."""
+        with self._rejected_lock:
+            self.rejected[str(rejected.reason)] += 1
+            self.recent_rejections.append(
+                (m.topic(), m.partition(), m.offset(), str(rejected.reason))
+            )
+        log.warning(
+            "skipped %s[%d]@%d (%s): %s",
+            m.topic(), m.partition(), m.offset(), rejected.reason, rejected.detail,
+        )  # fmt: skip
+
+    def rejections(self) -> dict[str, Any]:
+        """Messages skipped: ``count``, ``by_reason`` and the ``recent`` ones (topic, partition,
+        offset, reason), newest last."""
+        with self._rejected_lock:
+            return {
+                "count": sum(self.rejected.values()),
+                "by_reason": dict(self.rejected),
+                "recent": [list(r) for r in self.recent_rejections],
+            }
+
     def _dense(self, m: Any) -> None:
-        try:
-            dec = wire.decode(m.value())
-        except WireError:
-            self.dlq.send(m, "undecodable")
-            return
-        if not dec.is_dense:
-            self.dlq.send(m, "unknown_table")
-            return
-        if dec.version <= 0:
-            self.dlq.send(m, "version_not_positive")
+        dec = check_dense_message(m.value())
+        if isinstance(dec, Rejected):
+            self._reject(m, dec)
             return
         if self.dense is not None and dec.version <= self.dense[0]:
             return

@@ -187,7 +187,7 @@ def test_health_ready_status_and_metrics(deployment) -> None:  # type: ignore[no
         'streamhps_staleness_versions{table="item",partition="1"}',
         'streamhps_applied_version{table="user",partition="1"}',
         'streamhps_lookup_latency_seconds_bucket{table="user",le="+Inf"}',
-        "streamhps_dlq_messages_total 0",
+        "# TYPE streamhps_rejected_messages_total counter",
         "streamhps_ready 1",
         'streamhps_cache_lookups_total{table="user",result="hit"}',
         'streamhps_ingest_rows_total{table="item"}',

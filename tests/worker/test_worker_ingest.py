@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -28,17 +27,6 @@ class _Consumer:
         return self.batches.pop(0) if self.batches else []
 
 
-class _DeadLetters:
-    def __init__(self) -> None:
-        self.sent: Counter[str] = Counter()
-
-    def send(self, msg: Any, reason: str) -> None:
-        self.sent[reason] += 1
-
-    def poll(self) -> None:
-        pass
-
-
 class _Store:
     def offsets(self) -> dict[tuple[str, int], int]:
         return {}
@@ -56,7 +44,7 @@ def _ingestor(msgs: list[Any]) -> tuple[Ingestor, TableState]:
     )
     ing = Ingestor(
         _Consumer([msgs]), {SPEC.name: st}, "t.dense", LagTracker({SPEC.name: 4}),
-        _DeadLetters(), _Store(),  # type: ignore[arg-type]
+        _Store(),
     )  # fmt: skip
     return ing, st
 
@@ -90,3 +78,6 @@ def test_worker_does_not_apply_rows_of_another_partition() -> None:
     _, good_hit = st.cache.lookup(good_keys)
     assert good_hit.all()
     assert ing.counters.rows == good_keys.shape[0]
+    assert ing.rejections()["recent"] == [
+        [TOPIC, 0, 0, "wrong_partition"], [TOPIC, 0, 1, "wrong_partition"]
+    ]  # fmt: skip
