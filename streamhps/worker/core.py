@@ -8,6 +8,9 @@
     values = w.lookup("user", keys, consistency="bounded") # StaleReadError past the bound
     w.ready(); w.staleness(); w.stats(); w.stop()
 
+    # a sparse shard: only the partitions a placement gives shard 1, rows from every processor's store
+    w = InferenceWorker(cfg, store=["stores/0", "stores/1"], placement="placement.json", shard=1)
+
 Start-up: open the LMDB tier read-only, read its offsets, optionally warm the cache from it,
 then tail every partition of the configured tables from those offsets (``assign``, no consumer
 group; partitions the store has no offset for start at the beginning) plus the dense-model
@@ -18,16 +21,25 @@ LMDB may not hold yet, then to LMDB (one batched read); the higher version wins.
 are inserted into the cache by the ingest thread (checked against the window once more, so a
 fill never brings back a row older than one already consumed). Keys no tier holds get the
 table's ``missing`` policy. Lookups never write LMDB (invariant 8).
+
+A sharded worker (``placement=`` and ``shard=``, or ``partitions=``) tails, caches and answers
+only its partitions; its staleness and readiness cover only them, its caches are sized from the
+placement, and a lookup of a key of another partition raises :class:`NotOwnedError` naming the
+shard that serves it (never an answer from nothing). ``store`` may then name several stores (one
+per processor shard, see :mod:`streamhps.store.shards`): each partition is read from the one
+that holds it. ``device="cuda:N"`` puts the caches on GPU ``N`` (one worker per GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,12 +49,16 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 from streamhps.config import Config, dense_topic
 from streamhps.errors import (
     ConfigError,
+    NotOwnedError,
     StaleReadError,
     StoreError,
     StreamHPSError,
     UnknownTableError,
     ValidationError,
 )
+from streamhps.partitioning import partition_of
+from streamhps.placement import Placement
+from streamhps.store.shards import StorePaths, open_stores, store_dirs
 from streamhps.topics import admin_config, ensure_topics, planned_topics
 from streamhps.worker.ingest import DenseCallback, Fill, Ingestor, TableState
 from streamhps.worker.missing import fill_missing
@@ -52,6 +68,7 @@ from streamhps.worker.window import RecentRows
 log = logging.getLogger(__name__)
 
 CONSISTENCY = ("eventual", "bounded")
+_DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 _PRODUCER_ONLY = ("enable.idempotence", "acks", "linger.ms", "queue.buffering", "batch.", "compression",
                   "message.timeout.ms", "delivery.timeout.ms", "retries", "transactional")  # fmt: skip
 CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -72,17 +89,27 @@ class InferenceWorker:
     """One worker per GPU (or CPU process). Thread-safe lookups; one ingest thread.
 
     ``config``: the deployment :class:`~streamhps.config.Config`; ``store``: the LMDB directory
-    the processor writes; ``device``: ``"cpu"`` (numpy cache) or ``"cuda"`` (CuPy cache).
+    the processor writes (or several, one per processor shard, or a directory of them: see
+    :func:`streamhps.store.open_stores`); ``device``: ``"cpu"`` (numpy cache), ``"cuda"`` or
+    ``"cuda:N"`` (CuPy cache on GPU ``N``).
     ``probe_interval_s``: how often the broker is asked for the head of every partition
     (staleness resolution; default a tenth of ``max_staleness_s``, at most 0.1 s).
+    ``placement`` (a :class:`~streamhps.placement.Placement` or its file) and ``shard``: serve
+    only that shard's partitions, with caches of the placement's ``cache_rows``; or
+    ``partitions``: an explicit ``table -> partitions`` mapping. ``follow_dense=False``: do not
+    consume the dense-model topic (a sparse shard answers lookups only).
     """
 
     def __init__(
         self,
         config: Config,
-        store: str | os.PathLike[str],
+        store: StorePaths,
         device: str = "cpu",
         *,
+        placement: Placement | str | os.PathLike[str] | None = None,
+        shard: int | None = None,
+        partitions: Mapping[str, Sequence[int]] | None = None,
+        follow_dense: bool = True,
         cache_capacity: int | None = None,
         cache_policy: str = "lru",
         warm_from_store: bool | None = None,
@@ -90,14 +117,22 @@ class InferenceWorker:
         batch_messages: int = 1024,
         kafka_config: Mapping[str, Any] | None = None,
     ) -> None:
-        if device not in ("cpu", "cuda"):
-            raise ConfigError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        m = _DEVICE_RE.match(device) if isinstance(device, str) else None
+        if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         self.config = config
-        self.store_path = os.fspath(store)
+        self.store_paths = [os.fspath(p) for p in store_dirs(store)]
+        self.store_path = ", ".join(self.store_paths)
         self.device = device
-        self.backend = "numpy" if device == "cpu" else "cuda"
+        self.backend = "numpy" if m.group(1) == "cpu" else "cuda"
+        self.device_index = int(m.group(2)) if m.group(2) is not None else None
         self.max_staleness_s = float(config.serving.max_staleness_s)
         self.cache_capacity = int(cache_capacity or config.serving.cache_capacity)
+        self._capacity_given = cache_capacity is not None
+        self.follow_dense = follow_dense
+        self.placement, self.shard = _load_placement(config, placement, shard, partitions)
+        self.owned = self._owned_partitions(partitions)
+        self.sharded = any(len(self.owned.get(t.name, ())) < t.partitions for t in config.tables)
         self.cache_policy = cache_policy
         self.warm_from_store = (
             config.serving.warm_from_store if warm_from_store is None else warm_from_store
@@ -109,7 +144,11 @@ class InferenceWorker:
         self._store: Any = None
         self._consumer: Any = None
         self._ingest: Ingestor | None = None
-        self._tracker = LagTracker({t.name: t.partitions for t in config.tables})
+        served = {t: ps for t, ps in self.owned.items() if ps}
+        self._tracker = LagTracker(
+            {t.name: t.partitions for t in config.tables if t.name in served},
+            served if self.sharded else None,
+        )
         self._probe_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._started = False
@@ -124,18 +163,56 @@ class InferenceWorker:
         )  # fmt: skip
         self._xp: Any = np
         self._dense_callbacks: list[DenseCallback] = []
+        self._masks = {t.name: self._owned_mask(t.name) for t in config.tables}
 
     @classmethod
     def from_config(
         cls,
         config: str | os.PathLike[str] | Config,
-        store: str | os.PathLike[str],
+        store: StorePaths,
         device: str = "cpu",
         **kwargs: Any,
     ) -> InferenceWorker:
         """Build a worker from a config file path (or a :class:`Config`)."""
         cfg = config if isinstance(config, Config) else Config.load(config)
         return cls(cfg, store, device, **kwargs)
+
+    def _owned_partitions(
+        self, partitions: Mapping[str, Sequence[int]] | None
+    ) -> dict[str, list[int]]:
+        """Table -> the partitions this worker serves (all of every table unless sharded)."""
+        if self.placement is not None:
+            assert self.shard is not None
+            got = self.placement.partitions_of(self.shard)
+            return {t.name: list(got.get(t.name, ())) for t in self.config.tables}
+        if partitions is None:
+            return {t.name: list(range(t.partitions)) for t in self.config.tables}
+        out: dict[str, list[int]] = {}
+        for name, ps in partitions.items():
+            spec = self.config.table(name)
+            bad = sorted(int(p) for p in ps if not 0 <= int(p) < spec.partitions)
+            if bad:
+                raise ConfigError(
+                    f"partitions {bad} of table {name!r} do not exist (it has {spec.partitions})"
+                )
+            out[name] = sorted({int(p) for p in ps})
+        if not any(out.values()):
+            raise ConfigError("partitions= gives this worker no partition of any table")
+        return {t.name: out.get(t.name, []) for t in self.config.tables}
+
+    def _capacity_for(self, table: str) -> int:
+        if self.placement is not None and not self._capacity_given:
+            assert self.shard is not None
+            return int(self.placement.cache_rows(self.shard).get(table, self.cache_capacity))
+        return self.cache_capacity
+
+    def _on_device(self) -> contextlib.AbstractContextManager[Any]:
+        """The worker's GPU as the current device of the calling thread (CuPy's is per thread)."""
+        if self.device_index is None:
+            return contextlib.nullcontext()
+        import cupy
+
+        return cupy.cuda.Device(self.device_index)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -144,20 +221,23 @@ class InferenceWorker:
         if self._started:
             return self
         from streamhps.cache import make_cache
-        from streamhps.store import LmdbStore
 
-        if self.device == "cuda":
+        if self.backend == "cuda":
             import cupy
 
             self._xp = cupy
-        self._store = LmdbStore.open(self.store_path, readonly=True)
+        self._store = open_stores(self.store_paths)
+        on_device = contextlib.ExitStack()
+        on_device.enter_context(self._on_device())  # caches and warm-up on this worker's GPU
         try:
             self._check_store_tables()
             ensure_topics(self.kafka, planned_topics(self.config.topic_prefix, self.config.tables))
             for spec in self.config.tables:
+                if not self.owned.get(spec.name):
+                    continue  # another shard serves all of it
                 cache = make_cache(
                     self.backend,
-                    capacity=self.cache_capacity,
+                    capacity=self._capacity_for(spec.name),
                     dim=spec.dim,
                     dtype=spec.dtype,
                     policy=self.cache_policy,
@@ -177,7 +257,7 @@ class InferenceWorker:
                     self._warmed[st.spec.name] = self._warm(st)
             assignment = []
             for st in self._tables.values():
-                for p in range(st.spec.partitions):
+                for p in self.owned[st.spec.name]:
                     start = offsets.get((st.topic, p))
                     self._start_offsets[(st.topic, p)] = start if start is not None else 0
                     self._tracker.start_at(
@@ -196,12 +276,14 @@ class InferenceWorker:
             }
             conf["enable.auto.commit"] = False
             self._consumer = Consumer(conf, logger=logging.getLogger("streamhps.kafka"))
-            assignment.append(self._dense_start())
+            if self.follow_dense:
+                assignment.append(self._dense_start())
             self._consumer.assign(assignment)
             self._ingest = Ingestor(
                 self._consumer, self._tables, dense_topic(self.config.topic_prefix), self._tracker, self._store, batch_messages=self.batch_messages,
             )  # fmt: skip
             self._ingest.dense_callbacks = self._dense_callbacks
+            self._ingest.context = self._on_device
             self._ingest.start()
             self._probe_thread = threading.Thread(
                 target=self._probe_loop, name="streamhps-probe", daemon=True
@@ -210,10 +292,13 @@ class InferenceWorker:
         except BaseException:
             self._close_resources()
             raise
+        finally:
+            on_device.close()
         self._started = True
         log.info(
-            "worker started on %s (%s cache), tables %s, start offsets %s",
-            self.store_path, self.backend, sorted(self._tables), self._start_offsets,
+            "worker started on %s (%s cache%s), tables %s, start offsets %s",
+            self.store_path, self.device, "" if not self.sharded else f", partitions {self.owned}",
+            sorted(self._tables), self._start_offsets,
         )  # fmt: skip
         return self
 
@@ -260,6 +345,16 @@ class InferenceWorker:
                     f"partitions={spec.partitions} but store {self.store_path} holds dim={old.dim} "
                     f"dtype={old.dtype} partitions={old.partitions}"
                 )
+            owned = self.owned.get(spec.name, [])
+            if old is not None and owned:
+                held = set(self._store.held_partitions(spec.name))
+                lacking = sorted(set(owned) - held)
+                if lacking:  # their misses would find nothing: refuse rather than serve defaults
+                    raise ConfigError(
+                        f"table {spec.name!r}: partitions {lacking} this worker serves are in none "
+                        f"of the stores {self.store_paths} (they hold {sorted(held)}); give the "
+                        "store of every processor shard that holds them (--store, repeatable)"
+                    )
 
     def _store_applied(self, table: str) -> dict[int, int]:
         try:
@@ -273,7 +368,11 @@ class InferenceWorker:
             return 0
         n = 0
         cap = int(st.cache.capacity)
+        mask = self._owned_mask(st.spec.name)
         for keys, vectors, versions in self._store.iter_rows(st.spec.name):
+            if mask is not None:  # a store holds the partitions of its processor, not of this shard
+                mine = mask[partition_of(keys, st.spec.partitions)]
+                keys, vectors, versions = keys[mine], vectors[mine], versions[mine]
             take = min(keys.shape[0], cap - n)
             if take <= 0:
                 break
@@ -305,7 +404,7 @@ class InferenceWorker:
         tps = [
             TopicPartition(st.topic, p)
             for st in self._tables.values()
-            for p in range(st.spec.partitions)
+            for p in self.owned[st.spec.name]
         ]
         names = {st.topic: st.spec.name for st in self._tables.values()}
         lost_reported: set[tuple[str, int]] = set()
@@ -438,8 +537,15 @@ class InferenceWorker:
         k = self._check_keys(keys)
         if not self._started or self._stopped:
             raise StreamHPSError("worker is not running: call start() first")
+        self._check_owned(st, k)
         if consistency == "bounded":
             self._check_bound(table, timeout)
+        if self.device_index is not None:
+            with self._on_device():
+                return self._lookup(st, k, as_numpy)
+        return self._lookup(st, k, as_numpy)
+
+    def _lookup(self, st: TableState, k: np.ndarray, as_numpy: bool) -> Any:
         xp = self._xp
         values, hit = st.cache.lookup(self._to_dev(k))
         hit_h = hit if xp is np else xp.asnumpy(hit)
@@ -522,10 +628,55 @@ class InferenceWorker:
             return a.view(np.int64)
         return a.astype(np.int64, copy=False)
 
+    def _owned_mask(self, table: str) -> np.ndarray | None:
+        """``mask[p]``: this worker serves partition ``p`` of ``table``; None when it serves all."""
+        spec = self.config.table(table)
+        owned = self.owned.get(table, [])
+        if len(owned) == spec.partitions:
+            return None
+        mask = np.zeros(spec.partitions, dtype=bool)
+        mask[owned] = True
+        return mask
+
+    def _check_owned(self, st: TableState, keys: np.ndarray) -> None:
+        """Refuse keys of partitions another shard serves, naming it (never answer from nothing)."""
+        mask = self._masks.get(st.spec.name)
+        if mask is None or keys.size == 0:
+            return
+        parts = partition_of(keys, st.spec.partitions)
+        bad = np.flatnonzero(~mask[parts])
+        if bad.size:
+            key, part = int(keys[bad[0]]), int(parts[bad[0]])
+            raise NotOwnedError(
+                f"table {st.spec.name!r}: {bad.size} of {keys.size} keys are not served by "
+                f"{self._whoami()}; key {key} is in partition {part}, served by "
+                f"{self._owner_name(st.spec.name, part)}. Route lookups by owner (the main shard "
+                "or streamhps.client.ShardedClient)"
+            )
+
+    def _whoami(self) -> str:
+        if self.placement is not None:
+            return f"shard {self.shard} of {self.placement.n_shards}"
+        return "this worker"
+
+    def _owner_name(self, table: str, partition: int) -> str:
+        if self.placement is not None:
+            return f"shard {int(self.placement.owner_of_partitions(table)[partition])}"
+        return f"another worker (this one serves partitions {self.owned.get(table, [])})"
+
     def _table(self, table: str) -> TableState:
         try:
             return self._tables[table]
         except KeyError:
+            if self._started and table in self.owned:
+                if self.placement is not None:
+                    owners = sorted(set(self.placement.owner_of_partitions(table).tolist()))
+                    where = f"shard(s) {owners}"
+                else:
+                    where = "other workers"
+                raise NotOwnedError(
+                    f"table {table!r} is not served by {self._whoami()}: {where} serve it"
+                ) from None
             if self._started:
                 raise UnknownTableError(
                     f"unknown table {table!r}; this worker serves {sorted(self._tables)}"
@@ -561,6 +712,12 @@ class InferenceWorker:
 
     def stats(self) -> dict[str, Any]:
         """Counters: ingest, DLQ, caches, windows, lookups and where misses were served from."""
+        if self.device_index is not None:
+            with self._on_device():
+                return self._stats()
+        return self._stats()
+
+    def _stats(self) -> dict[str, Any]:
         ing = self._ingest
         out: dict[str, Any] = {"ready": self.ready(), "not_ready_reason": self.not_ready_reason()}
         if ing is not None:
@@ -596,7 +753,37 @@ class InferenceWorker:
             for name, st in self._tables.items()
         }
         out["history_lost"] = list(self._tracker.history_lost)
+        if self.sharded:
+            out["shard"] = {
+                "shard": self.shard,
+                "shards": self.placement.n_shards if self.placement is not None else None,
+                "partitions": {t: ps for t, ps in self.owned.items() if ps},
+            }
+        out["stores"] = list(self.store_paths)
         with self._stats_lock:
             out["lookups"] = dict(self._lookup_counts)
         out["start_offsets"] = {f"{t}[{p}]": o for (t, p), o in self._start_offsets.items()}
         return out
+
+
+def _load_placement(
+    config: Config,
+    placement: Placement | str | os.PathLike[str] | None,
+    shard: int | None,
+    partitions: Mapping[str, Sequence[int]] | None,
+) -> tuple[Placement | None, int | None]:
+    if placement is None:
+        if shard is not None:
+            raise ConfigError("shard= needs placement= (the file `streamhps plan` writes)")
+        return None, None
+    if partitions is not None:
+        raise ConfigError("give placement= and shard=, or partitions=, not both")
+    p = placement if isinstance(placement, Placement) else Placement.load(placement)
+    p.check(config)
+    if shard is None or not 0 <= int(shard) < p.n_shards:
+        raise ConfigError(
+            f"placement has shards 0..{p.n_shards - 1}; give shard= one of them, got {shard!r}"
+        )
+    if not p.partitions_of(int(shard)):
+        raise ConfigError(f"shard {shard} of the placement serves no partition: nothing to do")
+    return p, int(shard)

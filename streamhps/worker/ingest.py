@@ -104,6 +104,8 @@ class Ingestor:
         self.fills: queue.SimpleQueue[Fill] = queue.SimpleQueue()
         self.dense: tuple[int, dict[str, np.ndarray]] | None = None
         self.dense_callbacks: list[DenseCallback] = []
+        # entered on the ingest thread: the worker's GPU as its current device (cuda:N)
+        self.context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -129,9 +131,10 @@ class Ingestor:
 
     def _run(self) -> None:
         try:
-            self.refresh_store()
-            while not self._stop.is_set():
-                self.step()
+            with self.context():
+                self.refresh_store()
+                while not self._stop.is_set():
+                    self.step()
         except BaseException as e:  # noqa: BLE001 - reported through ready()/not_ready_reason()
             self.error = e
             log.exception("worker ingest thread failed; the worker is not ready from now on")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -39,10 +40,16 @@ _MAX_PENDING = 256
 
 
 class _TableLag:
-    def __init__(self, partitions: int) -> None:
+    def __init__(self, partitions: int, owned: Sequence[int] | None = None) -> None:
         self.position = np.zeros(partitions, dtype=np.int64)  # next offset to consume
         self.high_watermark = np.full(partitions, -1, dtype=np.int64)
         self.caught_up_at = np.full(partitions, -math.inf)  # monotonic seconds
+        # Partitions another shard serves: never the worst, never reported.
+        self.owned = np.ones(partitions, dtype=bool)
+        if owned is not None:
+            self.owned[:] = False
+            self.owned[list(owned)] = True
+            self.caught_up_at[~self.owned] = math.inf
         self.applied = np.full(partitions, -1, dtype=np.int64)  # last marker applied, -1 none
         self.pending: list[list[tuple[int, float]]] = [[] for _ in range(partitions)]
         self.store_head = -1
@@ -51,9 +58,16 @@ class _TableLag:
 class LagTracker:
     """Per-partition position, head probes, caught-up time and applied version. Thread-safe."""
 
-    def __init__(self, partitions: dict[str, int]) -> None:
+    def __init__(
+        self, partitions: dict[str, int], owned: Mapping[str, Sequence[int]] | None = None
+    ) -> None:
+        """``partitions``: table -> partition count; ``owned``: table -> the partitions this
+        worker serves (a sharded worker), default all."""
         self._lock = threading.Lock()
-        self._t = {name: _TableLag(n) for name, n in partitions.items()}
+        self._t = {
+            name: _TableLag(n, None if owned is None else owned.get(name, ()))
+            for name, n in partitions.items()
+        }
         self.last_contact: float | None = None  # monotonic time of the last answered probe
         self.history_lost: list[tuple[str, int, int, int]] = []
 
@@ -122,7 +136,7 @@ class LagTracker:
 
     def all_caught_up_once(self) -> bool:
         with self._lock:
-            return all(bool(np.all(np.isfinite(t.caught_up_at))) for t in self._t.values())
+            return all(bool(np.all(t.caught_up_at > -math.inf)) for t in self._t.values())
 
     def report(self, now: float | None = None) -> dict[str, dict[int, dict[str, Any]]]:
         now = time.monotonic() if now is None else now
@@ -131,7 +145,7 @@ class LagTracker:
             for name, t in self._t.items():
                 head = max(int(t.applied.max(initial=-1)), t.store_head)
                 rows: dict[int, dict[str, Any]] = {}
-                for p in range(t.position.shape[0]):
+                for p in np.flatnonzero(t.owned).tolist():
                     applied = int(t.applied[p])
                     hw = int(t.high_watermark[p])
                     rows[p] = {
