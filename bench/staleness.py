@@ -1,21 +1,42 @@
-"""Worker ingest rate beside a raw consume of the same bytes; publish -> visible latency.
+"""Worker ingest beside a raw consume of the same bytes, and the latency-throughput curve.
 
-1. **Ingest ceiling**: publish N rows (dim D, fp32, P partitions) and commit. The ceiling is a
-   raw ``confluent_kafka.Consumer`` (assign, batched ``consume``) reading every message of the
-   topic, doing nothing with them. The worker run is ``InferenceWorker`` over an empty LMDB
-   store tailing the same topic from the beginning: decode, validate, window, cache upsert,
-   until every row is applied. Best of ``--repeats``. Target: worker >= 90 % of raw.
-2. **Latency at half the max rate**: a fresh topic, a ready worker, and a publisher sending
-   ``rate = 0.5 x worker max rows/s`` in 10 ms ticks for ``--seconds``. Reported: the worker's
-   publish -> applied-in-cache latency of every message (its ``apply_latencies()``), and an
-   outside probe that polls ``lookup`` for one key of a just-published batch until the new
-   version shows (what a client sees; it polls every 1 ms). The publisher runs in its own
-   process (its own GIL, as a trainer would), so the figures are the worker's; on a small
-   machine it still shares the cores with the worker and the broker. Target: p99 <= 100 ms.
-   ``--rate`` fixes the rate, to compare two builds on a machine whose load varies.
+1. **Ingest ceiling** (``ingest``). ``--rows`` rows (dim ``--dim`` fp32, ``--partitions``
+   partitions) at version 1, then one *sentinel* row per partition at version 2 (the last row
+   of every partition), then the commit markers. Both sides use the same consumer settings
+   (``CONSUMER_DEFAULTS``), the same ``consume(num_messages, timeout)`` call as the worker's
+   ingest loop, and the same start: ``assign`` from the beginning, clock started at the
+   ``assign``. The raw consumer (a ``confluent_kafka.Consumer`` doing nothing with the bytes)
+   stops when it has received every message. The worker (built and its cache allocated before
+   the clock starts) stops when a probe polling ``lookup`` every millisecond sees every
+   sentinel at version 2: the last row of every partition applied *and visible*, not a counter
+   of consumed rows. Best of ``--repeats``, interleaved. Target: worker >= 90 % of raw.
 
-    python bench/staleness.py                        # embedded broker, CPU (numpy) cache
-    python bench/staleness.py --device cuda --rows 2000000 --out bench/results/staleness-gpu.json
+   The old version of this benchmark reported the cuda worker at 195 % of raw: its raw side
+   called ``consume(1024, timeout=1.0)`` while the topic held ~270 messages, so librdkafka waited
+   the whole second for a 1024-message batch that never came (every raw run was >= 1 s), and the
+   worker's clock also started before ``start()`` while the raw clock started after a metadata
+   warm-up. Same call and same start remove both.
+
+2. **Curve** (``curve``). For each fraction of the raw-consume maximum (``--fractions``,
+   default 10/25/50/75/90 %), in the same run: a publisher process (its own GIL, as a trainer)
+   sends that many rows/s in 10 ms ticks for ``--seconds`` to a fresh topic, read by
+
+   * the raw consumer: publish -> delivered latency of every message (the ceiling);
+   * each ``--devices`` worker (cpu = numpy cache, cuda = CuPy cache), ready and warm:
+     publish -> visible of rows, from the worker's own record (``visible_latencies``: stamped
+     when the rows are visible to ``lookup``, every message weighted by its rows) and from an
+     outside probe that polls ``lookup`` for a key of the newest batch until its new version
+     shows; and the p99 of ``lookup`` (1024 cached keys) while idle (before publishing) and
+     while ingesting.
+
+   Targets: visible p99 <= raw p99 + 20 ms at every rate up to 50 %, <= 100 ms at 50 %; lookup
+   p99 while ingesting at 50 % <= 1.5x idle. ``--profile`` adds the worker's per-stage time of
+   the apply path (``Ingestor.profile``) at each point.
+
+Writes the JSON (``--out``) and an SVG plot of the curve beside it (same name, ``.svg``).
+
+    python bench/staleness.py --devices cpu                 # embedded broker, 2-core machine
+    python bench/staleness.py --devices cuda cpu --rows 1000000 --out $OUT/staleness.json
 """
 
 from __future__ import annotations
@@ -26,6 +47,7 @@ import multiprocessing as mp
 import os
 import platform
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -36,9 +58,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from streamhps import Config, Publisher, wire
 from streamhps.broker import EmbeddedBroker
+from streamhps.partitioning import partition_of
 from streamhps.store import LmdbStore
 from streamhps.worker import InferenceWorker
 from streamhps.worker.core import CONSUMER_DEFAULTS
+from streamhps.worker.ingest import BATCH_MESSAGES, POLL_TIMEOUT_S
+
+LOOKUP_KEYS = 1 << 16  # keys seeded before a latency run; the lookup load reads these
+LOOKUP_BATCH = 1024
 
 
 def make_config(bootstrap: str, dim: int, partitions: int, capacity: int) -> Config:
@@ -63,71 +90,125 @@ def empty_store(cfg: Config) -> str:
     return d
 
 
-def rows_of(keys: np.ndarray, version: int, dim: int) -> np.ndarray:
-    v = np.random.default_rng(version).standard_normal((keys.shape[0], dim), dtype=np.float32)
-    v[:, 0] = version
+def rows_of(n: int, version: int, dim: int) -> np.ndarray:
+    v = np.random.default_rng(version).standard_normal((n, dim), dtype=np.float32)
+    v[:, 0] = version  # column 0 carries the version: a probe reads it back through lookup
     return v
 
 
-def raw_consume(bootstrap: str, topic: str, partitions: int, messages: int) -> tuple[float, int]:
-    # the worker's own consumer settings, so the two read the same way
+def raw_consumer(bootstrap: str) -> Consumer:
+    """A consumer with the worker's settings, connected (metadata fetched) before any clock."""
     c = Consumer(
         {**CONSUMER_DEFAULTS, "bootstrap.servers": bootstrap, "group.id": f"raw-{uuid.uuid4().hex}"}
     )
-    c.list_topics(topic, timeout=10)
+    c.list_topics(timeout=10)
+    return c
+
+
+def sentinel_keys(first: int, partitions: int) -> np.ndarray:
+    """One key per partition, all >= ``first`` (outside the bulk rows), in partition order."""
+    cand = np.arange(first, first + 64 * partitions, dtype=np.int64)
+    part = partition_of(cand, partitions)
+    return np.array([cand[part == p][0] for p in range(partitions)], dtype=np.int64)
+
+
+# ---------------------------------------------------------------- 1. ingest ceiling
+
+
+def raw_consume(bootstrap: str, topic: str, partitions: int, messages: int) -> float:
+    c = raw_consumer(bootstrap)
     t0 = time.perf_counter()
     c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
-    n = nbytes = 0
+    n = 0
     while n < messages:
-        for m in c.consume(1024, timeout=1.0):
+        for m in c.consume(num_messages=BATCH_MESSAGES, timeout=POLL_TIMEOUT_S):
             if m.error() is None:
                 n += 1
-                nbytes += len(m.value())
     dt = time.perf_counter() - t0
     c.close()
-    return dt, nbytes
+    return dt
 
 
-def worker_ingest(cfg: Config, rows: int, device: str) -> tuple[float, dict[str, Any]]:
+def worker_ingest(cfg: Config, sentinels: np.ndarray, device: str) -> dict[str, Any]:
     w = InferenceWorker(cfg, empty_store(cfg), device=device)
-    t0 = time.perf_counter()
     w.start()
-    ing = w._ingest
-    assert ing is not None
-    while ing.counters.rows < rows:
-        time.sleep(0.0005)
-    dt = time.perf_counter() - t0
+    t0 = w.assigned_at
+    assert t0 is not None
+    while True:  # the probe: every sentinel (last row of its partition) visible at version 2
+        if bool((w.lookup("emb", sentinels)[:, 0] >= 2).all()):
+            t_visible = time.perf_counter()
+            break
+        time.sleep(0.001)
     stats = w.stats()
+    profile = w.ingest_profile()
     w.stop()
-    return dt, stats
+    return {"seconds": t_visible - t0, "stats": stats.get("ingest", {}), "profile": profile}
+
+
+def ingest_ceiling(
+    bootstrap: str, rows: int, dim: int, partitions: int, devices: list[str], repeats: int
+) -> dict[str, Any]:
+    cfg = make_config(bootstrap, dim, partitions, capacity=max(2 * rows, 1 << 16))
+    sentinels = sentinel_keys(rows, partitions)
+    with Publisher.from_config(cfg) as pub:
+        pub.create_topics()
+        keys = np.arange(rows, dtype=np.int64)
+        pub.publish("emb", keys, rows_of(rows, 1, dim), 1)
+        pub.publish("emb", sentinels, rows_of(partitions, 2, dim), 2)
+        pub.commit(2)
+        messages, nbytes = pub.stats.messages, pub.stats.bytes
+    raw: list[float] = []
+    runs: dict[str, list[dict[str, Any]]] = {d: [] for d in devices}
+    for _ in range(repeats):  # interleaved: the machine's load drifts
+        raw.append(raw_consume(bootstrap, cfg.topic("emb"), partitions, messages))
+        for d in devices:
+            runs[d].append(worker_ingest(cfg, sentinels, d))
+    raw_s = min(raw)
+    out: dict[str, Any] = {
+        "rows": rows + partitions, "messages": messages, "bytes": nbytes, "dim": dim,
+        "partitions": partitions, "consume_call": [BATCH_MESSAGES, POLL_TIMEOUT_S],
+        "raw_s": raw_s, "raw_all_s": raw, "raw_rows_per_s": rows / raw_s,
+        "raw_MB_per_s": nbytes / raw_s / 1e6, "workers": {},
+    }  # fmt: skip
+    for d, rs in runs.items():
+        best = min(rs, key=lambda r: r["seconds"])
+        out["workers"][d] = {
+            "seconds": best["seconds"], "all_s": [r["seconds"] for r in rs],
+            "rows_per_s": rows / best["seconds"], "MB_per_s": nbytes / best["seconds"] / 1e6,
+            "vs_raw": raw_s / best["seconds"], "profile": best["profile"],
+        }  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------- 2. the curve
 
 
 def publish_at_rate(
     cfg: Config, rate: float, seconds: float, dim: int, keyspace: int, latest: Any, report: Any
 ) -> None:
-    """In a child process (its own GIL, as a trainer would be): publish ``rate`` rows/s in 10 ms
-    ticks; ``latest`` holds (version, one key, publish time) of the newest batch."""
+    """In a child process: publish ``rate`` rows/s in 10 ms ticks for ``seconds``; ``latest``
+    holds (version, one key, publish time) of the newest batch."""
     pub = Publisher.from_config(cfg)
     tick = 0.01
     per_tick = max(1, int(rate * tick))
-    rng = np.random.default_rng(0)
-    base = rows_of(np.arange(per_tick, dtype=np.int64), 1, dim)
-    # connect and initialise the idempotent producer outside the measured run
-    pub.publish("emb", np.arange(per_tick, dtype=np.int64), base, 1)
+    perm = np.random.default_rng(0).permutation(keyspace).astype(np.int64)
+    base = rows_of(per_tick, 1, dim)
+    pub.publish("emb", perm[:per_tick], base, 1)  # connect and get the idempotent PID first
     pub.flush()
-    time.sleep(0.5)
-    sent = 0
-    version = 2
+    time.sleep(0.3)
+    sent, version, i = 0, 2, 0
     t_start = time.perf_counter()
     next_tick = t_start
     while time.perf_counter() - t_start < seconds:
-        keys = rng.choice(keyspace, per_tick, replace=False).astype(np.int64)
+        lo = (i * per_tick) % (keyspace - per_tick)
+        keys = perm[lo : lo + per_tick]
         base[:, 0] = version
         published = time.time()
         pub.publish("emb", keys, base, version)
         latest[:] = [version, int(keys[0]), published]
         sent += per_tick
         version += 1
+        i += 1
         next_tick += tick
         pause = next_tick - time.perf_counter()
         if pause > 0:
@@ -135,103 +216,310 @@ def publish_at_rate(
     elapsed = time.perf_counter() - t_start
     pub.commit(version)
     pub.close()
-    report.put(sent / elapsed)
+    report.put((sent / elapsed, version - 2))
 
 
-def latency_run(
-    cfg: Config, rate: float, seconds: float, dim: int, keyspace: int, device: str
-) -> dict[str, Any]:
-    with Publisher.from_config(cfg) as pub:
-        pub.create_topics()
-    w = InferenceWorker(cfg, empty_store(cfg), device=device).start()
-    w.wait_ready(60)
+def _start_publisher(
+    cfg: Config, rate: float, seconds: float, dim: int, keyspace: int
+) -> tuple[Any, Any, Any]:
     ctx = mp.get_context("spawn")
     latest = ctx.Array("d", [0.0, 0.0, 0.0])
     report = ctx.Queue()
     proc = ctx.Process(
         target=publish_at_rate, args=(cfg, rate, seconds, dim, keyspace, latest, report)
     )
-    probe_ms: list[float] = []
     proc.start()
-    while proc.is_alive() and latest[0] == 0:  # the child's warm-up is not measured
-        time.sleep(0.001)
-    w.reset_latencies()
-    seen = 0.0
-    while proc.is_alive():
-        version, key, published = latest[:]
-        if version == seen:
-            time.sleep(0.001)
-            continue
-        seen = version
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if w.lookup("emb", np.array([int(key)]))[0, 0] >= version:
-                probe_ms.append((time.time() - published) * 1e3)
-                break
-            time.sleep(0.001)
-        time.sleep(0.02)
+    return proc, latest, report
+
+
+def _finish_publisher(proc: Any, report: Any) -> tuple[float, int]:
     proc.join()
     if proc.exitcode != 0:
         raise RuntimeError(f"the publisher process failed (exit code {proc.exitcode})")
-    achieved = report.get(timeout=10)
-    time.sleep(0.3)
-    lat = w.apply_latencies() * 1e3
-    stats = w.stats()
-    w.stop()
-    return {
-        "target_rows_per_s": rate,
-        "achieved_rows_per_s": achieved,
-        "apply_p50_ms": float(np.percentile(lat, 50)),
-        "apply_p99_ms": float(np.percentile(lat, 99)),
-        "apply_max_ms": float(lat.max()),
-        "apply_samples": int(lat.size),
-        "probe_p50_ms": float(np.percentile(probe_ms, 50)) if probe_ms else None,
-        "probe_p99_ms": float(np.percentile(probe_ms, 99)) if probe_ms else None,
-        "probe_samples": len(probe_ms),
-        "rejected": stats.get("rejected", {}).get("count", 0),
-    }
+    achieved, ticks = report.get(timeout=10)
+    return float(achieved), int(ticks)
 
 
-def raw_latency_run(
-    cfg: Config, rate: float, seconds: float, dim: int, keyspace: int
-) -> dict[str, Any]:
-    """The ceiling: a raw consumer (the worker's settings) receiving the same stream, latency
-    from the publish timestamp in each message to its arrival, nothing applied."""
+def _pct(a: Any, q: float) -> float | None:
+    a = np.asarray(a, dtype=np.float64)
+    return float(np.percentile(a, q)) if a.size else None
+
+
+def raw_latency_run(cfg: Config, rate: float, seconds: float, keyspace: int) -> dict[str, Any]:
+    """The ceiling: publish -> delivered of every message to a raw consumer, nothing applied."""
     with Publisher.from_config(cfg) as pub:
         pub.create_topics()
-    c = Consumer(
-        {
-            **CONSUMER_DEFAULTS,
-            "bootstrap.servers": cfg.bootstrap_servers,
-            "group.id": f"raw-{uuid.uuid4().hex}",
-        }
-    )
-    c.assign(
-        [
-            TopicPartition(cfg.topic("emb"), p, OFFSET_BEGINNING)
-            for p in range(cfg.tables[0].partitions)
-        ]
-    )
-    ctx = mp.get_context("spawn")
-    latest = ctx.Array("d", [0.0, 0.0, 0.0])
-    report = ctx.Queue()
-    proc = ctx.Process(
-        target=publish_at_rate, args=(cfg, rate, seconds, dim, keyspace, latest, report)
-    )
-    proc.start()
+    c = raw_consumer(cfg.bootstrap_servers)
+    parts = cfg.tables[0].partitions
+    c.assign([TopicPartition(cfg.topic("emb"), p, OFFSET_BEGINNING) for p in range(parts)])
+    proc, latest, report = _start_publisher(cfg, rate, seconds, cfg.tables[0].dim, keyspace)
     lat: list[float] = []
     while proc.is_alive():
-        for m in c.consume(1024, timeout=0.005):
-            if m.error() is None and latest[0] > 0:
-                lat.append(time.time() - wire.decode(m.value()).publish_time)
-    proc.join()
+        for m in c.consume(num_messages=BATCH_MESSAGES, timeout=POLL_TIMEOUT_S):
+            if m.error() is None:
+                now = time.time()
+                msg = wire.decode(m.value())
+                if msg.version >= 2 and msg.row_count:
+                    lat.append(now - msg.publish_time)
+    achieved, _ = _finish_publisher(proc, report)
     c.close()
     a = np.asarray(lat) * 1e3
+    return {"achieved_rows_per_s": achieved, "p50_ms": _pct(a, 50), "p99_ms": _pct(a, 99),
+            "samples": int(a.size)}  # fmt: skip
+
+
+class LookupLoad(threading.Thread):
+    """``lookup`` of LOOKUP_BATCH cached keys every ``interval`` s; latencies per phase."""
+
+    def __init__(self, w: InferenceWorker, interval: float = 0.005) -> None:
+        super().__init__(daemon=True)
+        self.w, self.interval = w, interval
+        self.phase = "idle"
+        self.samples: dict[str, list[float]] = {"idle": [], "ingest": []}
+        self.stop_ = threading.Event()
+
+    def run(self) -> None:
+        rng = np.random.default_rng(7)
+        while not self.stop_.is_set():
+            keys = rng.integers(0, LOOKUP_KEYS, LOOKUP_BATCH)
+            t0 = time.perf_counter()
+            self.w.lookup("emb", keys)
+            self.samples[self.phase].append(time.perf_counter() - t0)
+            time.sleep(self.interval)
+
+
+def worker_latency_run(
+    cfg: Config, rate: float, seconds: float, keyspace: int, device: str, profile: bool
+) -> dict[str, Any]:
+    with Publisher.from_config(cfg) as pub:
+        pub.create_topics()
+        seed = np.arange(LOOKUP_KEYS, dtype=np.int64)
+        pub.publish("emb", seed, rows_of(LOOKUP_KEYS, 1, cfg.tables[0].dim), 1)
+        pub.commit(1)
+    w = InferenceWorker(cfg, empty_store(cfg), device=device).start()
+    try:
+        w.wait_ready(60)
+        deadline = time.monotonic() + 60
+        while w.stats()["ingest"]["rows"] < LOOKUP_KEYS and time.monotonic() < deadline:
+            time.sleep(0.01)
+        load = LookupLoad(w)
+        load.start()
+        time.sleep(1.0)  # idle lookups
+        proc, latest, report = _start_publisher(cfg, rate, seconds, cfg.tables[0].dim, keyspace)
+        while proc.is_alive() and latest[0] == 0:  # the child's warm-up is not measured
+            time.sleep(0.001)
+        w.reset_latencies()
+        w.reset_ingest_profile()
+        load.phase = "ingest"
+        probe_ms: list[float] = []
+        seen = 0.0
+        while proc.is_alive():
+            version, key, published = latest[:]
+            if version == seen:
+                time.sleep(0.001)
+                continue
+            seen = version
+            t_end = time.monotonic() + 5
+            while time.monotonic() < t_end:
+                if w.lookup("emb", np.array([int(key)]))[0, 0] >= version:
+                    probe_ms.append((time.time() - published) * 1e3)
+                    break
+                time.sleep(0.001)
+            time.sleep(0.005)
+        achieved, _ = _finish_publisher(proc, report)
+        load.stop_.set()
+        load.join()
+        time.sleep(0.2)
+        vis, weights = w.visible_latencies()
+        prof = w.ingest_profile() if profile else None
+        stats = w.stats()
+    finally:
+        w.stop()
+    vis_ms = vis * 1e3
+    idle = np.asarray(load.samples["idle"]) * 1e3
+    busy = np.asarray(load.samples["ingest"]) * 1e3
     return {
-        "p50_ms": float(np.percentile(a, 50)),
-        "p99_ms": float(np.percentile(a, 99)),
-        "samples": int(a.size),
+        "achieved_rows_per_s": achieved,
+        "visible_p50_ms": _wpct(vis_ms, weights, 50),
+        "visible_p99_ms": _wpct(vis_ms, weights, 99),
+        "visible_max_ms": float(vis_ms.max()) if vis_ms.size else None,
+        "visible_messages": int(vis_ms.size),
+        "probe_p50_ms": _pct(probe_ms, 50),
+        "probe_p99_ms": _pct(probe_ms, 99),
+        "probe_samples": len(probe_ms),
+        "lookup_idle_p99_ms": _pct(idle, 99),
+        "lookup_ingest_p99_ms": _pct(busy, 99),
+        "lookup_idle_p50_ms": _pct(idle, 50),
+        "lookup_ingest_p50_ms": _pct(busy, 50),
+        "lookup_samples": [int(idle.size), int(busy.size)],
+        "rejected": stats.get("rejected", {}).get("count", 0),
+        "profile": prof,
     }
+
+
+def _wpct(x: np.ndarray, w: np.ndarray, q: float) -> float | None:
+    """Weighted percentile (each message's latency counts once per row it carried)."""
+    if x.size == 0:
+        return None
+    o = np.argsort(x)
+    cw = np.cumsum(w[o].astype(np.float64))
+    i = int(np.searchsorted(cw, q / 100 * cw[-1]))
+    return float(x[o][min(i, x.size - 1)])
+
+
+def curve(
+    bootstrap: str, dim: int, partitions: int, raw_max: float, fractions: list[float],
+    devices: list[str], seconds: float, profile: bool,
+) -> list[dict[str, Any]]:  # fmt: skip
+    keyspace = 1 << 20
+    points = []
+    for f in fractions:
+        rate = f * raw_max
+        point: dict[str, Any] = {"fraction": f, "target_rows_per_s": rate}
+        point["raw"] = raw_latency_run(
+            make_config(bootstrap, dim, partitions, 1 << 16), rate, seconds, keyspace
+        )
+        for d in devices:
+            point[d] = worker_latency_run(
+                make_config(bootstrap, dim, partitions, 1 << 21), rate, seconds, keyspace, d,
+                profile,
+            )  # fmt: skip
+        points.append(point)
+        _print_point(point, devices)
+    return points
+
+
+# ---------------------------------------------------------------- output
+
+
+def _f(x: Any, fmt: str = ".1f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _print_point(p: dict[str, Any], devices: list[str]) -> None:
+    raw = p["raw"]
+    print(f"  {p['fraction']:>4.0%} raw: {raw['achieved_rows_per_s']:>10,.0f} rows/s  "
+          f"p50 {_f(raw['p50_ms'])} p99 {_f(raw['p99_ms'])} ms", flush=True)  # fmt: skip
+    for d in devices:
+        r = p[d]
+        print(f"       {d:>4}: {r['achieved_rows_per_s']:>10,.0f} rows/s  visible p50 "
+              f"{_f(r['visible_p50_ms'])} p99 {_f(r['visible_p99_ms'])}  probe p99 "
+              f"{_f(r['probe_p99_ms'])}  lookup p99 idle {_f(r['lookup_idle_p99_ms'], '.2f')} "
+              f"ingest {_f(r['lookup_ingest_p99_ms'], '.2f')} ms", flush=True)  # fmt: skip
+
+
+def print_tables(res: dict[str, Any]) -> None:
+    ing = res["ingest"]
+    print(f"\nworker ingest vs raw consume ({ing['rows']:,} rows, dim {ing['dim']} fp32, "
+          f"{ing['partitions']} partitions, {ing['messages']} messages, {ing['bytes'] / 1e6:.1f} MB; "
+          f"consume({ing['consume_call'][0]}, timeout={ing['consume_call'][1]}) on both sides)")  # fmt: skip
+    print("| side | seconds | MB/s | rows/s | vs raw |\n|---|---|---|---|---|")
+    print(f"| raw consume (ceiling) | {ing['raw_s']:.3f} | {ing['raw_MB_per_s']:.0f} | "
+          f"{ing['raw_rows_per_s']:,.0f} | 100 % |")  # fmt: skip
+    for d, w in ing["workers"].items():
+        print(f"| {d} worker, last row visible | {w['seconds']:.3f} | {w['MB_per_s']:.0f} | "
+              f"{w['rows_per_s']:,.0f} | {w['vs_raw']:.0%} |")  # fmt: skip
+    print("target: worker >= 90 % of raw")
+    print(
+        "\npublish -> visible (ms) beside the raw consumer's publish -> delivered at the same rate"
+    )
+    devs = res["devices"]
+    head = "| % of raw max | rows/s (raw run) | raw p50 / p99 |"
+    for d in devs:
+        head += f" {d} rows/s | {d} visible p50 / p99 | {d} probe p50 / p99 | {d} lookup p99 idle / ingest |"
+    print(head)
+    print("|" + "---|" * (3 + 4 * len(devs)))
+    for p in res["curve"]:
+        raw = p["raw"]
+        line = (f"| {p['fraction']:.0%} | {raw['achieved_rows_per_s']:,.0f} | "
+                f"{_f(raw['p50_ms'])} / {_f(raw['p99_ms'])} |")  # fmt: skip
+        for d in devs:
+            r = p[d]
+            line += (f" {r['achieved_rows_per_s']:,.0f} | {_f(r['visible_p50_ms'])} / "
+                     f"{_f(r['visible_p99_ms'])} | {_f(r['probe_p50_ms'])} / {_f(r['probe_p99_ms'])} | "
+                     f"{_f(r['lookup_idle_p99_ms'], '.2f')} / {_f(r['lookup_ingest_p99_ms'], '.2f')} |")  # fmt: skip
+        print(line)
+    print("targets: visible p99 <= raw p99 + 20 ms up to 50 %, <= 100 ms at 50 %; "
+          "lookup p99 ingesting at 50 % <= 1.5x idle")  # fmt: skip
+    for p in res["curve"]:
+        for d in devs:
+            prof = p[d].get("profile")
+            if prof:
+                print(f"\napply-path profile, {d} worker at {p['fraction']:.0%} "
+                      f"({p[d]['achieved_rows_per_s']:,.0f} rows/s)")  # fmt: skip
+                print_profile(prof)
+
+
+def print_profile(prof: dict[str, Any]) -> None:
+    wall = max(prof.get("wall_s", 0.0), 1e-9)
+    rows = max(prof.get("rows", 0), 1)
+    print("| stage | seconds | % of ingest thread wall | us per 1k rows |\n|---|---|---|---|")
+    for k, v in prof["stages"].items():
+        if v:
+            print(f"| {k} | {v:.3f} | {v / wall:.1%} | {v / rows * 1e9:.1f} |")
+    print(f"| (wall, {prof.get('rows', 0):,} rows in {prof.get('batches', 0)} applies) | "
+          f"{wall:.3f} | | |")  # fmt: skip
+
+
+def write_svg(res: dict[str, Any], path: Path) -> None:
+    """Latency (ms) against achieved rows/s: raw and each worker, p50 dashed, p99 solid."""
+    W, H, L, R, T, B = 720, 440, 70, 170, 40, 55
+    pts = res["curve"]
+    series: list[tuple[str, str, str, list[tuple[float, float]]]] = []
+    colors = {"raw": "#444444", "cpu": "#1f77b4", "cuda": "#2ca02c"}
+    for name in ["raw", *res["devices"]]:
+        for q, dash in (("p99", ""), ("p50", "5,4")):
+            xy = []
+            for p in pts:
+                r = p[name]
+                y = r[f"{q}_ms"] if name == "raw" else r[f"visible_{q}_ms"]
+                if y is not None:
+                    xy.append((r["achieved_rows_per_s"], y))
+            label = f"{name} {'delivered' if name == 'raw' else 'visible'} {q}"
+            series.append((label, colors.get(name, "#d62728"), dash, xy))
+    xs = [x for *_, xy in series for x, _ in xy] or [1.0]
+    ys = [y for *_, xy in series for _, y in xy] or [1.0]
+    xmax, ymax = max(xs) * 1.05, max(ys) * 1.1
+
+    def sx(x: float) -> float:
+        return L + x / xmax * (W - L - R)
+
+    def sy(y: float) -> float:
+        return H - B - y / ymax * (H - T - B)
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{W}" height="{H}" fill="white"/>',
+           f'<text x="{L}" y="22" font-size="14">publish &#8594; visible vs rate: '
+           f'{res["machine_label"]}</text>']  # fmt: skip
+    for i in range(6):
+        y = ymax * i / 5
+        out.append(f'<line x1="{L}" x2="{W - R}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{L - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.0f}</text>')
+        x = xmax * i / 5
+        out.append(
+            f'<text x="{sx(x):.1f}" y="{H - B + 18}" text-anchor="middle">{x / 1e3:,.0f}k</text>'
+        )
+    out.append(f'<line x1="{L}" x2="{L}" y1="{T}" y2="{H - B}" stroke="black"/>')
+    out.append(f'<line x1="{L}" x2="{W - R}" y1="{H - B}" y2="{H - B}" stroke="black"/>')
+    out.append(
+        f'<text x="{(L + W - R) / 2}" y="{H - 12}" text-anchor="middle">rows/s published</text>'
+    )
+    out.append(f'<text x="16" y="{(T + H - B) / 2}" transform="rotate(-90 16 {(T + H - B) / 2})" '
+               f'text-anchor="middle">latency ms</text>')  # fmt: skip
+    for i, (label, color, dash, xy) in enumerate(series):
+        if xy:
+            d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in xy)
+            out.append(f'<polyline points="{d}" fill="none" stroke="{color}" stroke-width="2" '
+                       f'stroke-dasharray="{dash}"/>')  # fmt: skip
+            for x, y in xy:
+                out.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"/>')
+        ly = T + 10 + 18 * i
+        out.append(f'<line x1="{W - R + 12}" x2="{W - R + 40}" y1="{ly}" y2="{ly}" stroke="{color}" '
+                   f'stroke-width="2" stroke-dasharray="{dash}"/>')  # fmt: skip
+        out.append(f'<text x="{W - R + 46}" y="{ly + 4}">{label}</text>')
+    out.append("</svg>")
+    path.write_text("\n".join(out))
 
 
 def main() -> None:
@@ -242,17 +530,18 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--seconds", type=float, default=4.0, help="publishing time per curve point")
+    ap.add_argument("--devices", nargs="+", default=["cpu"], choices=["cpu", "cuda"])
+    ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75, 0.9])
     ap.add_argument(
-        "--rate",
-        type=float,
-        default=None,
-        help="rows/s for the latency run (default: half the max)",
-    )
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+        "--raw-max", type=float, default=None,
+        help="rows/s to take as the raw maximum instead of measuring it (skips the ingest part)",
+    )  # fmt: skip
+    ap.add_argument("--profile", action="store_true", help="per-stage apply time at each point")
     ap.add_argument(
         "--bootstrap", default=None, help="an existing broker (default: start the embedded one)"
     )
+    ap.add_argument("--label", default=None, help="machine name for the plot title")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "staleness.json"))
     args = ap.parse_args()
 
@@ -261,74 +550,42 @@ def main() -> None:
     if bootstrap is None:
         broker = EmbeddedBroker(port=0).start()
         bootstrap = broker.bootstrap_servers
+    res: dict[str, Any] = {
+        "benchmark": "staleness", "devices": args.devices, "machine": platform.platform(),
+        "cpu_count": os.cpu_count(), "machine_label": args.label or f"{os.cpu_count()} cores",
+        "args": vars(args),
+    }  # fmt: skip
     try:
-        cfg = make_config(bootstrap, args.dim, args.partitions, capacity=max(args.rows, 1 << 16))
-        topic = cfg.topic("emb")
-        with Publisher.from_config(cfg) as pub:
-            pub.create_topics()
-            keys = np.arange(args.rows, dtype=np.int64)
-            pub.publish("emb", keys, rows_of(keys, 1, args.dim), 1)
-            pub.commit(1)
-            messages = pub.stats.messages
-            total_bytes = pub.stats.bytes
-        raw_s, raw_bytes = min(
-            raw_consume(bootstrap, topic, args.partitions, messages) for _ in range(args.repeats)
-        )
-        runs = [worker_ingest(cfg, args.rows, args.device) for _ in range(args.repeats)]
-        w_s, w_stats = min(runs, key=lambda r: r[0])
-        ingest = {
-            "rows": args.rows, "messages": messages, "bytes": total_bytes, "dim": args.dim,
-            "partitions": args.partitions,
-            "raw_consume_s": raw_s, "raw_MB_per_s": raw_bytes / raw_s / 1e6,
-            "raw_rows_per_s": args.rows / raw_s,
-            "worker_s": w_s, "worker_MB_per_s": total_bytes / w_s / 1e6,
-            "worker_rows_per_s": args.rows / w_s, "worker_vs_raw": raw_s / w_s,
-        }  # fmt: skip
-        rate = args.rate or 0.5 * ingest["worker_rows_per_s"]
-        lat_cfg = make_config(bootstrap, args.dim, args.partitions, capacity=1 << 20)
-        latency = latency_run(
-            lat_cfg, rate, args.seconds, args.dim, keyspace=1 << 20, device=args.device
-        )
-        raw_cfg = make_config(bootstrap, args.dim, args.partitions, capacity=1 << 16)
-        latency["raw"] = raw_latency_run(raw_cfg, rate, args.seconds, args.dim, keyspace=1 << 20)
+        if args.raw_max is None:
+            res["ingest"] = ingest_ceiling(
+                bootstrap, args.rows, args.dim, args.partitions, args.devices, args.repeats
+            )
+            raw_max = res["ingest"]["raw_rows_per_s"]
+        else:
+            raw_max = args.raw_max
+        res["raw_max_rows_per_s"] = raw_max
+        print(f"raw-consume maximum {raw_max:,.0f} rows/s; curve points:", flush=True)
+        res["curve"] = curve(
+            bootstrap, args.dim, args.partitions, raw_max, args.fractions, args.devices,
+            args.seconds, args.profile,
+        )  # fmt: skip
     finally:
         if broker is not None:
             broker.stop()
-
-    print(f"\nworker ingest vs raw confluent-kafka consume ({args.rows} rows, dim {args.dim} fp32, "
-          f"{args.partitions} partitions, {messages} messages, {total_bytes / 1e6:.1f} MB, {args.device})")  # fmt: skip
-    print(f"{'':24}{'seconds':>10}{'MB/s':>10}{'rows/s':>14}")
-    print(
-        f"{'raw consume (ceiling)':24}{raw_s:>10.3f}{ingest['raw_MB_per_s']:>10.1f}{ingest['raw_rows_per_s']:>14,.0f}"
-    )
-    print(
-        f"{'worker ingest':24}{w_s:>10.3f}{ingest['worker_MB_per_s']:>10.1f}{ingest['worker_rows_per_s']:>14,.0f}"
-    )
-    print(f"worker / raw = {ingest['worker_vs_raw']:.1%}   (target >= 90 %)")
-    print(f"\npublish -> visible latency at {latency['achieved_rows_per_s']:,.0f} rows/s "
-          f"(target rate {rate:,.0f} = half the worker max), {args.seconds:.0f} s")  # fmt: skip
-    print(f"{'':24}{'p50 ms':>10}{'p99 ms':>10}{'samples':>10}")
-    print(
-        f"{'applied in cache':24}{latency['apply_p50_ms']:>10.1f}{latency['apply_p99_ms']:>10.1f}{latency['apply_samples']:>10}"
-    )
-    if latency["probe_samples"]:
-        print(
-            f"{'lookup probe':24}{latency['probe_p50_ms']:>10.1f}{latency['probe_p99_ms']:>10.1f}{latency['probe_samples']:>10}"
-        )
-    raw = latency["raw"]
-    print(
-        f"{'raw consume (ceiling)':24}{raw['p50_ms']:>10.1f}{raw['p99_ms']:>10.1f}{raw['samples']:>10}"
-    )
-    print("target: p99 <= 100 ms")
-    result = {
-        "benchmark": "staleness", "device": args.device, "machine": platform.platform(),
-        "cpu_count": os.cpu_count(), "ingest": ingest, "latency": latency,
-        "worker_stats_sample": {k: w_stats[k] for k in ("ingest",) if k in w_stats},
-    }  # fmt: skip
+    if "ingest" not in res:
+        res["ingest"] = {"rows": 0, "dim": args.dim, "partitions": args.partitions, "messages": 0,
+                         "bytes": 0, "consume_call": [BATCH_MESSAGES, POLL_TIMEOUT_S],
+                         "raw_s": 0, "raw_MB_per_s": 0, "raw_rows_per_s": raw_max, "workers": {}}  # fmt: skip
+    print_tables(res)
+    for d, w in res["ingest"]["workers"].items():
+        if w.get("profile"):
+            print(f"\napply-path profile, {d} worker, ingest run (best)")
+            print_profile(w["profile"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
+    out.write_text(json.dumps(res, indent=2))
+    write_svg(res, out.with_suffix(".svg"))
+    print(f"\nwrote {out} and {out.with_suffix('.svg')}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,22 @@ from streamhps.worker.window import RecentRows, latest_per_key
 log = logging.getLogger(__name__)
 
 _LATENCY_SAMPLES = 1 << 16
+#: One ``consume(num_messages, timeout)`` call per round: up to this many messages, waiting at
+#: most this long when none are there. A batch is applied as one unit (rows of all its messages
+#: of a table in one window insert and one cache upsert), so a worker that falls behind catches
+#: up in larger, cheaper applies; the short timeout keeps a quiet stream's rows from waiting.
+BATCH_MESSAGES = 1024
+POLL_TIMEOUT_S = 0.005
+#: Stages of the ingest thread's time (:meth:`Ingestor.profile`). ``poll_idle``: consume calls
+#: that returned nothing (waiting for data); ``poll``: those that returned messages;
+#: ``decode_validate``: wire decode and checks of every message; ``dedup_sort``: one row per key
+#: (a host sort of the batch's keys) and the window's own copy of the rows; ``window``: the
+#: window insert; ``cache``: the cache write, which holds the cache's lock against lookups
+#: (cuda: staging, host -> device copy and kernels); ``markers``: commit markers, positions and
+#: latency records; ``fills``: read-through fills; ``store_refresh``: the store's offsets and
+#: window pruning.
+STAGES = ("poll_idle", "poll", "decode_validate", "dedup_sort", "window", "cache", "markers",
+          "fills", "store_refresh")  # fmt: skip
 DenseCallback = Callable[[int, dict[str, np.ndarray]], None]
 
 
@@ -72,6 +88,36 @@ class IngestCounters:
     started_at: float = field(default_factory=time.monotonic)
 
 
+def row_quantiles(seconds: np.ndarray, rows: np.ndarray, qs: tuple[float, ...]) -> list[float]:
+    """Quantiles of publish -> visible over *rows*: a message's time counts once per row."""
+    if seconds.size == 0:
+        return [float("nan")] * len(qs)
+    o = np.argsort(seconds)
+    cw = np.cumsum(rows[o], dtype=np.float64)
+    idx = np.minimum(np.searchsorted(cw, np.asarray(qs) * cw[-1]), seconds.size - 1)
+    return [float(v) for v in seconds[o][idx]]
+
+
+class StageTimes:
+    """Seconds the ingest thread spent per stage (``STAGES``) since the last reset: a
+    ``perf_counter`` pair per stage per consume round, cheap enough to stay on."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.rows = 0
+        self.applies = 0
+        self.t0 = time.perf_counter()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "stages": dict(self.seconds), "wall_s": time.perf_counter() - self.t0,
+            "rows": self.rows, "batches": self.applies,
+        }  # fmt: skip
+
+
 class Ingestor:
     """Consumes every assigned partition on a background thread and applies what it reads."""
 
@@ -83,8 +129,8 @@ class Ingestor:
         tracker: LagTracker,
         store: Any,
         *,
-        batch_messages: int = 1024,
-        poll_timeout_s: float = 0.005,
+        batch_messages: int = BATCH_MESSAGES,
+        poll_timeout_s: float = POLL_TIMEOUT_S,
         store_refresh_s: float = 0.05,
     ) -> None:
         self.consumer = consumer
@@ -111,7 +157,9 @@ class Ingestor:
         self._thread: threading.Thread | None = None
         self._last_store_refresh = 0.0
         self._lat = np.zeros(_LATENCY_SAMPLES)
+        self._lat_rows = np.zeros(_LATENCY_SAMPLES, dtype=np.int64)
         self._lat_n = 0
+        self.profile = StageTimes()
         self._lat_lock = threading.Lock()
         self._last_error_log = 0.0
 
@@ -141,6 +189,8 @@ class Ingestor:
 
     def step(self) -> int:
         """One consume-and-apply round; returns messages consumed."""
+        prof = self.profile.seconds
+        t0 = time.perf_counter()
         try:
             msgs = self.consumer.consume(
                 num_messages=self.batch_messages, timeout=self.poll_timeout_s
@@ -148,12 +198,18 @@ class Ingestor:
         except KafkaException as e:
             self._kafka_error(e.args[0] if e.args else e)
             msgs = []
+        t1 = time.perf_counter()
+        prof["poll" if msgs else "poll_idle"] += t1 - t0
         if msgs:
             self._apply(msgs)
+        t1 = time.perf_counter()
         self._apply_fills()
+        t2 = time.perf_counter()
+        prof["fills"] += t2 - t1
         now = time.monotonic()
         if now - self._last_store_refresh >= self.store_refresh_s:
             self.refresh_store()
+        prof["store_refresh"] += time.perf_counter() - t2
         return len(msgs)
 
     # ---------------------------------------------------------------- the store's progress
@@ -179,6 +235,9 @@ class Ingestor:
         markers: list[tuple[str, int, int]] = []
         positions: dict[tuple[str, int], int] = {}
         published_us: list[int] = []
+        published_rows: list[int] = []
+        prof = self.profile.seconds
+        t0 = time.perf_counter()
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -201,15 +260,18 @@ class Ingestor:
             if isinstance(dec, Rejected):
                 self._reject(m, dec)
                 continue
-            published_us.append(dec.publish_ts_us)
             if dec.is_marker:
                 markers.append((st.spec.name, part, dec.version))
             elif dec.row_count:
+                published_us.append(dec.publish_ts_us)
+                published_rows.append(dec.row_count)
                 rows.setdefault(st.spec.name, []).append(
                     (dec.keys, dec.versions(), dec.vectors, part, off)
                 )
+        prof["decode_validate"] += time.perf_counter() - t0
         for name, parts in rows.items():
             self._apply_rows(self.tables[name], parts)
+        t0 = time.perf_counter()
         for name, part, version in markers:
             self.tracker.marker(name, part, version)
             c.markers += 1
@@ -217,11 +279,18 @@ class Ingestor:
             self.tracker.consumed(name, part, nxt)
         c.batches += 1
         if published_us:
-            self._record_latency(time.time() - np.asarray(published_us, dtype=np.float64) / 1e6)
+            # Stamped after the cache write returned: from here on a lookup sees these rows.
+            self._record_latency(
+                time.time() - np.asarray(published_us, dtype=np.float64) / 1e6,
+                np.asarray(published_rows, dtype=np.int64),
+            )
+        prof["markers"] += time.perf_counter() - t0
 
     def _apply_rows(
         self, st: TableState, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]
     ) -> None:
+        prof = self.profile.seconds
+        t0 = time.perf_counter()
         if len(parts) == 1:
             keys, versions, vectors, part, off = parts[0]
             n = keys.shape[0]
@@ -240,13 +309,21 @@ class Ingestor:
         )
         if not vectors.flags.writeable:  # views into message bytes: the window keeps its own copy
             vectors = vectors.copy()
+        t1 = time.perf_counter()
         # Window before cache: a lookup that misses the cache after this point finds the row
         # here, and a fill applied later on this thread is checked against it.
         st.window.add(keys, versions, vectors, partitions, offsets)
+        t2 = time.perf_counter()
         if st.spec.insert_on_update:
             st.cache.upsert(keys, vectors, versions)
         else:
             st.cache.update_if_present(keys, vectors, versions)
+        t3 = time.perf_counter()
+        prof["dedup_sort"] += t1 - t0
+        prof["window"] += t2 - t1
+        prof["cache"] += t3 - t2
+        self.profile.rows += n
+        self.profile.applies += 1
         st.rows += n
         self.counters.rows += n
 
@@ -318,16 +395,25 @@ class Ingestor:
 
     # ---------------------------------------------------------------- latency samples
 
-    def _record_latency(self, seconds: np.ndarray) -> None:
+    def _record_latency(self, seconds: np.ndarray, rows: np.ndarray) -> None:
         with self._lat_lock:
             n = seconds.shape[0]
             idx = (self._lat_n + np.arange(n)) % _LATENCY_SAMPLES
             self._lat[idx] = seconds
+            self._lat_rows[idx] = rows
             self._lat_n += n
 
     def latencies(self) -> np.ndarray:
+        """Publish -> visible seconds of the last (up to 65536) messages of rows."""
         with self._lat_lock:
             return self._lat[: min(self._lat_n, _LATENCY_SAMPLES)].copy()
+
+    def latencies_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(seconds, rows)`` of the last (up to 65536) messages of rows: each message's
+        publish -> visible time and how many rows it carried (weights for per-row quantiles)."""
+        with self._lat_lock:
+            k = min(self._lat_n, _LATENCY_SAMPLES)
+            return self._lat[:k].copy(), self._lat_rows[:k].copy()
 
     def reset_latencies(self) -> None:
         with self._lat_lock:
