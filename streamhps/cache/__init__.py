@@ -23,9 +23,15 @@ BACKENDS = ("numpy", "cuda")
 
 
 def make_cache(
-    backend: str, capacity: int, dim: int, dtype: Any = "float32", policy: str = "lru"
+    backend: str,
+    capacity: int,
+    dim: int,
+    dtype: Any = "float32",
+    policy: str = "lru",
+    **cuda_options: Any,
 ) -> EmbeddingCache:
-    """A cache of at least ``capacity`` rows (rounded up to whole buckets of 32 slots)."""
+    """A cache of at least ``capacity`` rows (rounded up to whole buckets of 32 slots).
+    ``cuda_options`` (``device``, ``stream``) go to the cuda backend; the numpy one ignores them."""
     if backend == "numpy":
         from streamhps.cache.numpy_backend import NumpyCache
 
@@ -33,7 +39,7 @@ def make_cache(
     if backend == "cuda":
         from streamhps.cache.cuda_backend import CudaCache
 
-        return CudaCache(capacity, dim, dtype, policy)
+        return CudaCache(capacity, dim, dtype, policy, **cuda_options)
     raise CacheError(f"unknown cache backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 

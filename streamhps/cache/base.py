@@ -15,6 +15,10 @@ Semantics every backend implements (the shared test suite in ``tests/cache`` pro
   inserted: into an empty slot of their bucket, else over the eligible slot with the lowest
   ``(score, key)``. A slot written earlier in the same call is never evicted by that call; if a
   bucket runs out of eligible slots inside one call the extra rows are dropped and counted.
+* ``lookup_pooled`` (multi-hot): bag ``b`` is the sum, or the mean over the bag's length, of
+  the resident rows of ``keys[offsets[b]:offsets[b + 1]]`` (``torch.nn.functional.embedding_bag``
+  on the resident rows; missed keys add nothing, an empty bag is zeros), with a hit mask per
+  key; scores refresh as in ``lookup``.
 * Scores: ``lru`` = the operation clock of the last insert or lookup hit; ``lfu`` =
   ``(lookup count << 32) | clock`` (frequency, ties broken by recency). Updates of resident rows
   do not change the score: the stream refreshing a row does not make it hot.
@@ -32,6 +36,7 @@ from streamhps.errors import CacheError
 
 SLOTS_PER_BUCKET = 32
 POLICIES = ("lru", "lfu")
+POOLING = ("sum", "mean")
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -142,6 +147,19 @@ class EmbeddingCache(abc.ABC):
             self._looked_up += int(k.shape[0])
             return self._lookup(k, self._clock)
 
+    def lookup_pooled(self, keys: Any, offsets: Any, mode: str = "sum") -> tuple[Any, Any]:
+        """(pooled [n_bags, dim], hit [len(keys)] bool): bag ``b`` pools the resident rows of
+        ``keys[offsets[b]:offsets[b + 1]]`` by ``mode`` ("sum" or "mean", the mean over the
+        whole bag's length); ``offsets`` has ``n_bags + 1`` entries, from 0 to ``len(keys)``."""
+        if mode not in POOLING:
+            raise CacheError(f"pooling mode {mode!r} is unknown; use 'sum' or 'mean'")
+        with self._lock:
+            k = self._keys(keys)
+            o = self._check_offsets(self._as_array(offsets), int(k.shape[0]))
+            self._clock += 1
+            self._looked_up += int(k.shape[0])
+            return self._lookup_pooled(k, o, mode, self._clock)
+
     def get_versions(self, keys: Any) -> tuple[Any, Any]:
         """(versions [n] int64, 0 on a miss; hit [n] bool), without touching eviction scores."""
         with self._lock:
@@ -250,6 +268,19 @@ class EmbeddingCache(abc.ABC):
             raise CacheError("versions must be > 0; this call was refused and changed nothing")
         return k, self._contiguous(v.astype(self.dtype, copy=False)), self._contiguous(ver)
 
+    def _check_offsets(self, o: Any, n_keys: int) -> Any:
+        if o.ndim != 1 or o.shape[0] < 1 or o.dtype.kind not in "iu":
+            raise CacheError(
+                f"offsets must be a 1-D integer array of n_bags + 1 entries, got shape "
+                f"{tuple(o.shape)} dtype {o.dtype}"
+            )
+        o = self._contiguous(o.astype(np.int64, copy=False))
+        if int(o[0]) != 0 or int(o[-1]) != n_keys or bool((o[1:] < o[:-1]).any()):
+            raise CacheError(
+                f"offsets must rise from 0 to the number of keys ({n_keys}) without going back"
+            )
+        return o
+
     def _check_keys(self, k: Any, what: str) -> Any:
         if k.ndim != 1:
             raise CacheError(f"{what} must be a 1-D array of int64, got shape {tuple(k.shape)}")
@@ -267,6 +298,9 @@ class EmbeddingCache(abc.ABC):
 
     @abc.abstractmethod
     def _lookup(self, keys: Any, clock: int) -> tuple[Any, Any]: ...
+
+    @abc.abstractmethod
+    def _lookup_pooled(self, keys: Any, offsets: Any, mode: str, clock: int) -> tuple[Any, Any]: ...
 
     @abc.abstractmethod
     def _get_versions(self, keys: Any) -> tuple[Any, Any]: ...

@@ -11,6 +11,12 @@ half-written row. The caller's current stream is ordered with the cache's stream
 entry and exit, so arrays passed in and returned need no extra synchronisation. ``lookup``
 does not synchronise the host; ``upsert``/``update_if_present``/``evict`` do (they return
 counts).
+
+``device``/``stream`` (keywords): the GPU the cache lives on (default: the current one) and a
+stream to enqueue on instead of a private one: the caches of one worker share one stream, so a
+request's lookups of every table are ordered with each other and with every upsert without
+cross-stream events (:meth:`lookup_into`, the worker's request path). Pooled (multi-hot)
+lookups run the fused kernel of ``serving.cu``.
 """
 
 from __future__ import annotations
@@ -51,6 +57,14 @@ def _module(vec_type: str, nvec: int, kpw: int) -> Any:
     return cp.RawModule(code=src, options=opts)
 
 
+@cache
+def _serving_module(vec_type: str, nvec: int, elem: str) -> Any:
+    cp = _import_cupy()
+    src = (Path(__file__).parent / "serving.cu").read_text()
+    opts = ("--std=c++17", f"-DVEC_T={vec_type}", f"-DNVEC={nvec}", f"-DELEM_T={elem}")
+    return cp.RawModule(code=src, options=opts)
+
+
 def _signed32(x: int) -> np.int32:
     x &= 0xFFFFFFFF
     return np.int32(x - (1 << 32) if x >= (1 << 31) else x)
@@ -59,9 +73,24 @@ def _signed32(x: int) -> np.int32:
 class CudaCache(EmbeddingCache):
     backend = "cuda"
 
-    def __init__(self, capacity: int, dim: int, dtype: Any = "float32", policy: str = "lru"):
+    def __init__(
+        self,
+        capacity: int,
+        dim: int,
+        dtype: Any = "float32",
+        policy: str = "lru",
+        *,
+        device: int | None = None,
+        stream: Any = None,
+    ):
         super().__init__(capacity, dim, dtype, policy)
         cp = self._cp = _import_cupy()
+        self.device = cp.cuda.Device(device)
+        with self.device:
+            self._setup(cp, stream)
+
+    def _setup(self, cp: Any, stream: Any) -> None:
+        dim = self.dim
         row_bytes = self.dim * self.dtype.itemsize
         self._vec = next(v for v in (16, 8, 4, 2) if row_bytes % v == 0)
         self._nvec = row_bytes // self._vec
@@ -78,7 +107,8 @@ class CudaCache(EmbeddingCache):
                 "cache_remove",
             )
         }
-        self.stream = cp.cuda.Stream(non_blocking=False)
+        self.stream = stream if stream is not None else cp.cuda.Stream(non_blocking=False)
+        self._serving: dict[str, Any] = {}  # kernels of serving.cu, compiled on first use
         slots, nb = self.capacity, self.n_buckets
         with self.stream:
             self._digests = cp.zeros(slots, dtype=cp.uint8)
@@ -120,13 +150,14 @@ class CudaCache(EmbeddingCache):
     @contextlib.contextmanager
     def _on_stream(self) -> Iterator[None]:
         cp = self._cp
-        caller = cp.cuda.get_current_stream()
-        if caller != self.stream:
-            self.stream.wait_event(caller.record())
-        with self.stream:
-            yield
-        if caller != self.stream:
-            caller.wait_event(self.stream.record())
+        with self.device:
+            caller = cp.cuda.get_current_stream()
+            if caller != self.stream:
+                self.stream.wait_event(caller.record())
+            with self.stream:
+                yield
+            if caller != self.stream:
+                caller.wait_event(self.stream.record())
 
     def _as_array(self, a: Any) -> Any:
         cp = self._cp
@@ -171,11 +202,87 @@ class CudaCache(EmbeddingCache):
         with self._lock, self._on_stream():
             return super().stats()
 
+    def lookup_pooled(self, keys: Any, offsets: Any, mode: str = "sum") -> tuple[Any, Any]:
+        with self._lock, self._on_stream():
+            return super().lookup_pooled(keys, offsets, mode)
+
+    def lookup_into(self, keys: Any, out: Any, hit: Any) -> None:
+        """The fused lookup of ``keys`` (device int64, contiguous, already validated) into
+        ``out`` ``[n, dim]`` and ``hit`` ``[n]``, enqueued on :attr:`stream` without
+        synchronising or ordering with the caller's stream: the caller runs on this stream (the
+        worker's request path, which validated the keys and owns the ordering)."""
+        with self._lock, self.stream:
+            self._clock += 1
+            self._looked_up += int(keys.shape[0])
+            self._launch_lookup(keys, out, hit, self._clock)
+
+    def pooled_into(
+        self, keys: Any, offsets: Any, mode: str, out: Any, hit: Any, misses: Any
+    ) -> None:
+        """The fused pooled lookup (``serving.cu``): bag ``b`` of ``out`` is the sum (or mean)
+        of the resident rows of ``keys[offsets[b]:offsets[b + 1]]``, each row read once; missed
+        keys add nothing, have ``hit`` False and are counted into ``misses[0]`` (uint32). The
+        mean divides by the whole bag's length, so a caller adds missed rows / length later.
+        Inputs validated by the caller; enqueued on :attr:`stream` like :meth:`lookup_into`."""
+        with self._lock, self.stream:
+            self._clock += 1
+            self._looked_up += int(keys.shape[0])
+            self._launch_pooled(keys, offsets, mode, out, hit, misses, self._clock)
+
+    def _launch_pooled(
+        self, keys: Any, offsets: Any, mode: str, out: Any, hit: Any, misses: Any, clock: int
+    ) -> None:
+        n_bags = int(offsets.shape[0]) - 1
+        if n_bags <= 0:
+            return
+        self._serving_kernels()["cache_pooled"](
+            (-(-n_bags * 32 // _BLOCK),),
+            (_BLOCK,),
+            (
+                keys, offsets, np.int64(n_bags), self._digests, self._meta, self._vals, out, hit,
+                np.uint64(self.n_buckets), np.uint64(clock), np.int32(self.policy == "lfu"),
+                np.int32(mode == "mean"), self._counters, misses,
+            ),
+        )  # fmt: skip
+
+    def _serving_kernels(self) -> dict[str, Any]:
+        if not self._serving:
+            mod = _serving_module(
+                _VEC_TYPES[self._vec],
+                self._nvec,
+                "unsigned short" if self.dtype.itemsize == 2 else "float",
+            )
+            self._serving = {n: mod.get_function(n) for n in ("cache_pooled", "segment_misses")}
+        return self._serving
+
+    def segment_misses(self, hit: Any, seg_end: Any, counts: Any) -> None:
+        """``counts[t]`` (uint32) = misses in ``hit[seg_end[t-1]:seg_end[t]]``: one launch for
+        every table of a request (their hit masks side by side in one array)."""
+        t = int(seg_end.shape[0])
+        if t:
+            with self.stream:
+                self._serving_kernels()["segment_misses"](
+                    (t,), (_BLOCK,), (hit, seg_end, np.int32(t), counts)
+                )
+
+    def _lookup_pooled(self, keys: Any, offsets: Any, mode: str, clock: int) -> tuple[Any, Any]:
+        cp = self._cp
+        out = cp.empty((int(offsets.shape[0]) - 1, self.dim), dtype=self.dtype)
+        hit = cp.empty(int(keys.shape[0]), dtype=cp.bool_)
+        misses = cp.zeros(1, dtype=cp.uint32)
+        self._launch_pooled(keys, offsets, mode, out, hit, misses, clock)
+        return out, hit
+
     def _lookup(self, keys: Any, clock: int) -> tuple[Any, Any]:
         cp = self._cp
         n = int(keys.shape[0])
         out = cp.empty((n, self.dim), dtype=self.dtype)
         hit = cp.empty(n, dtype=cp.bool_)
+        self._launch_lookup(keys, out, hit, clock)
+        return out, hit
+
+    def _launch_lookup(self, keys: Any, out: Any, hit: Any, clock: int) -> None:
+        n = int(keys.shape[0])
         if n:
             warps = -(-n // self._kpw)
             self._k["cache_lookup"](
@@ -196,7 +303,6 @@ class CudaCache(EmbeddingCache):
                     self._counters,
                 ),
             )
-        return out, hit
 
     def _find(self, keys: Any) -> Any:
         n = int(keys.shape[0])

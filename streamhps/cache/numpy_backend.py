@@ -81,6 +81,12 @@ class NumpyCache(EmbeddingCache):
                 self._score[hs] = np.where(fresh, (count << np.uint64(32)) | c32, s)
         return out, hit
 
+    def _lookup_pooled(
+        self, keys: np.ndarray, offsets: np.ndarray, mode: str, clock: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rows, hit = self._lookup(keys, clock)
+        return pool_rows(rows, offsets, mode, self.dtype), hit
+
     def _get_versions(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         slot, hit = self._find(keys)
         return np.where(hit, self._ver[slot], 0), hit
@@ -194,3 +200,19 @@ class NumpyCache(EmbeddingCache):
 
     def _hits_total(self) -> int:
         return self._hits
+
+
+def pool_rows(rows: np.ndarray, offsets: np.ndarray, mode: str, dtype: np.dtype) -> np.ndarray:
+    """Sum (or mean) of ``rows[offsets[b]:offsets[b + 1]]`` per bag, accumulated in float32;
+    empty bags are zeros (as ``embedding_bag``)."""
+    n_bags = offsets.shape[0] - 1
+    out = np.zeros((n_bags, rows.shape[1]), dtype=np.float32)
+    lens = np.diff(offsets)
+    full = lens > 0
+    if full.any():
+        # reduceat over the starts of non-empty bags: each sums up to the next start (empty bags
+        # between two starts share it), the last one to the end
+        out[full] = np.add.reduceat(rows.astype(np.float32, copy=False), offsets[:-1][full], axis=0)
+        if mode == "mean":
+            out[full] /= lens[full, None].astype(np.float32)
+    return out.astype(dtype, copy=False)

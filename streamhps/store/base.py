@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from streamhps.config import TableSpec
+from streamhps.errors import UnknownTableError
 
 
 @dataclass
@@ -81,6 +82,19 @@ class StoreReader(abc.ABC):
     @abc.abstractmethod
     def get(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(values [n, dim], versions int64 [n], found bool [n])``; zeros and version 0 where not found."""
+
+    def get_many(
+        self, keys: Mapping[str, np.ndarray]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`get` of several tables (one read transaction where the store allows): table ->
+        ``(values, versions, found)``; tables the store does not hold are left out."""
+        out = {}
+        for table, k in keys.items():
+            try:
+                out[table] = self.get(table, k)
+            except UnknownTableError:
+                continue
+        return out
 
     @abc.abstractmethod
     def applied_version(self, table: str) -> int | None:

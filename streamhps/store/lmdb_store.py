@@ -349,6 +349,45 @@ class LmdbStore(StoreWriter):
         values[hit] = u_vectors[src]
         return values, versions, found
 
+    @_reads
+    def get_many(
+        self, keys: Mapping[str, np.ndarray]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`get` of several tables in ONE read transaction (one snapshot of the store):
+        table -> ``(values, versions, found)``. Tables the store does not hold yet are left out
+        of the answer (none of their keys is found)."""
+        out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        with self._begin() as txn:
+            for table, raw in keys.items():
+                k = np.asarray(raw)
+                if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
+                    raise StoreError(
+                        f"keys of {table!r} must be a 1-D integer array, got shape {k.shape} dtype {k.dtype}"
+                    )
+                k = k.view(np.int64) if k.dtype == np.uint64 else k.astype(np.int64, copy=False)
+                try:
+                    spec = self._spec(table, txn)
+                except UnknownTableError:
+                    continue
+                n = k.shape[0]
+                values = np.zeros((n, spec.dim), dtype=spec.np_dtype)
+                versions = np.zeros(n, dtype=np.int64)
+                if n and bool((k[1:] > k[:-1]).all()):  # already sorted and unique (the worker's)
+                    found, u_versions, u_vectors = self._read_rows(txn, spec, k)
+                    versions[found] = u_versions
+                    values[found] = u_vectors
+                elif n:
+                    uniq, inverse = np.unique(k, return_inverse=True)
+                    u_found, u_versions, u_vectors = self._read_rows(txn, spec, uniq)
+                    found = u_found[inverse]
+                    src = (np.cumsum(u_found) - 1)[inverse[found]]
+                    versions[found] = u_versions[src]
+                    values[found] = u_vectors[src]
+                else:
+                    found = np.zeros(0, dtype=bool)
+                out[table] = (values, versions, found)
+        return out
+
     def _read_rows(
         self, txn: lmdb.Transaction, spec: TableSpec, sorted_keys: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

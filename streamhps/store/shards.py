@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,44 @@ class ShardedStore(StoreReader):
             v, ver, f = self.stores[i].get(table, keys[idx])
             values[idx], versions[idx], found[idx] = v, ver, f
         return values, versions, found
+
+    def get_many(
+        self, keys: Mapping[str, np.ndarray]
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`get` of several tables: one read transaction per environment for all of them."""
+        out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        routed: dict[int, dict[str, np.ndarray]] = {}  # store -> table -> positions
+        keyed: dict[str, np.ndarray] = {}
+        for table, raw in keys.items():
+            k = np.asarray(raw)
+            if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
+                raise StoreError(
+                    f"keys of {table!r} must be a 1-D integer array, got shape {k.shape} dtype {k.dtype}"
+                )
+            k = k.view(np.int64) if k.dtype == np.uint64 else k.astype(np.int64)
+            try:
+                h = self.holders(table)
+            except UnknownTableError:
+                continue
+            spec = self._specs[table]
+            n = k.shape[0]
+            out[table] = (
+                np.zeros((n, spec.dim), dtype=spec.np_dtype),
+                np.zeros(n, dtype=np.int64),
+                np.zeros(n, dtype=bool),
+            )
+            keyed[table] = k
+            where = h[partition_of(k, spec.partitions)] if n else np.zeros(0, np.int64)
+            for i in np.unique(where[where >= 0]).tolist():
+                routed.setdefault(i, {})[table] = np.flatnonzero(where == i)
+        for i, tables in routed.items():
+            got = self.stores[i].get_many({t: keyed[t][idx] for t, idx in tables.items()})
+            for t, idx in tables.items():
+                if t in got:
+                    v, ver, f = got[t]
+                    values, versions, found = out[t]
+                    values[idx], versions[idx], found[idx] = v, ver, f
+        return out
 
     def partition_applied_versions(self, table: str) -> dict[int, int]:
         h = self.holders(table)

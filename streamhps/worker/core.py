@@ -6,6 +6,8 @@
     w.start(); w.wait_ready(timeout=60)
     values = w.lookup("user", keys)                        # numpy [n, dim]
     values = w.lookup("user", keys, consistency="bounded") # StaleReadError past the bound
+    rows = w.lookup_many({"user": u, "item": i})           # every table of a request at once
+    bags = w.lookup_pooled("item", keys, offsets=offs, mode="mean")   # multi-hot, pooled
     w.ready(); w.staleness(); w.stats(); w.stop()
 
     # a sparse shard: only the partitions a placement gives shard 1, rows from every processor's store
@@ -21,6 +23,12 @@ LMDB may not hold yet, then to LMDB (one batched read); the higher version wins.
 are inserted into the cache by the ingest thread (checked against the window once more, so a
 fill never brings back a row older than one already consumed). Keys no tier holds get the
 table's ``missing`` policy. Lookups never write LMDB (invariant 8).
+
+A request of several tables (:meth:`InferenceWorker.lookup_many`) resolves the misses of every
+table together: window first, then ONE LMDB read transaction for all of them. On a ``cuda``
+worker it stays on the GPU (:mod:`streamhps.worker.request`): one host-to-device copy of the
+keys, one fused lookup per table, one small device-to-host read of the miss counts; the rows come
+back as torch tensors on the worker's device (DLPack, no copy). ``lookup`` is the one-table case.
 
 A sharded worker (``placement=`` and ``shard=``, or ``partitions=``) tails, caches and answers
 only its partitions; its staleness and readiness cover only them, its caches are sized from the
@@ -62,6 +70,7 @@ from streamhps.store.shards import StorePaths, open_stores, store_dirs
 from streamhps.topics import admin_config, ensure_topics, planned_topics
 from streamhps.worker.ingest import DenseCallback, Fill, Ingestor, TableState, row_quantiles
 from streamhps.worker.missing import fill_missing
+from streamhps.worker.request import DeviceRequests, array_device, check_keys
 from streamhps.worker.staleness import LagTracker
 from streamhps.worker.window import RecentRows
 
@@ -126,6 +135,10 @@ class InferenceWorker:
         self.device = device
         self.backend = "numpy" if m.group(1) == "cpu" else "cuda"
         self.device_index = int(m.group(2)) if m.group(2) is not None else None
+        # where results live, "cpu" or "cuda:N" (set at start for "cuda"); keys on any other
+        # device are refused
+        self.torch_device = "cpu" if self.backend == "numpy" else f"cuda:{self.device_index or 0}"
+        self._requests: DeviceRequests | None = None
         self.max_staleness_s = float(config.serving.max_staleness_s)
         self.cache_capacity = int(cache_capacity or config.serving.cache_capacity)
         self._capacity_given = cache_capacity is not None
@@ -230,6 +243,15 @@ class InferenceWorker:
         self._store = open_stores(self.store_paths)
         on_device = contextlib.ExitStack()
         on_device.enter_context(self._on_device())  # caches and warm-up on this worker's GPU
+        cuda_options: dict[str, Any] = {}
+        if self.backend == "cuda":
+            # every cache of the worker on one stream: a request's lookups need no cross-stream
+            # events (streamhps.worker.request)
+            gpu = self._xp.cuda.Device().id
+            self.torch_device = f"cuda:{gpu}"
+            stream = self._xp.cuda.Stream(non_blocking=False)
+            self._requests = DeviceRequests(gpu, stream)
+            cuda_options = {"device": gpu, "stream": stream}
         try:
             self._check_store_tables()
             ensure_topics(self.kafka, planned_topics(self.config.topic_prefix, self.config.tables))
@@ -242,6 +264,7 @@ class InferenceWorker:
                     dim=spec.dim,
                     dtype=spec.dtype,
                     policy=self.cache_policy,
+                    **cuda_options,
                 )
                 self._tables[spec.name] = TableState(
                     spec,
@@ -533,42 +556,11 @@ class InferenceWorker:
         than ``serving.max_staleness_s``, after waiting up to ``timeout`` seconds for it to catch
         up. Keys no tier holds follow the table's ``missing`` policy.
         """
-        st = self._table(table)
-        if consistency not in CONSISTENCY:
-            raise ValidationError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
-        k = self._check_keys(keys)
-        if not self._started or self._stopped:
-            raise StreamHPSError("worker is not running: call start() first")
-        self._check_owned(st, k)
-        if consistency == "bounded":
-            self._check_bound(table, timeout)
-        if self.device_index is not None:
+        out = self._lookup_tables({table: keys}, consistency, timeout)[table]
+        if as_numpy and self._xp is not np:
             with self._on_device():
-                return self._lookup(st, k, as_numpy)
-        return self._lookup(st, k, as_numpy)
-
-    def _lookup(self, st: TableState, k: np.ndarray, as_numpy: bool) -> Any:
-        xp = self._xp
-        values, hit = st.cache.lookup(self._to_dev(k))
-        hit_h = hit if xp is np else xp.asnumpy(hit)
-        n_hit = int(np.count_nonzero(hit_h))
-        counts = {"lookups": 1, "keys": k.shape[0], "hits": n_hit, "misses": k.shape[0] - n_hit}
-        if n_hit < k.shape[0]:
-            miss = np.flatnonzero(~hit_h)
-            ukeys, inverse = np.unique(k[miss], return_inverse=True)
-            rows = self._resolve_misses(st, ukeys, counts)
-            if xp is np:
-                if not values.flags.writeable:
-                    values = values.copy()
-                values[miss] = rows[inverse]
-            else:
-                values[xp.asarray(miss)] = xp.asarray(rows[inverse])
-        with self._stats_lock:
-            for name, v in counts.items():
-                self._lookup_counts[name] += v
-        if as_numpy and xp is not np:
-            return xp.asnumpy(values)
-        return values
+                return self._xp.asnumpy(out)
+        return out
 
     def lookup_device(
         self, table: str, keys: Any, consistency: str = "eventual", timeout: float | None = None
@@ -576,59 +568,245 @@ class InferenceWorker:
         """Like :meth:`lookup` but leaves the rows on the device (CuPy) on a cuda worker."""
         return self.lookup(table, keys, consistency, timeout, as_numpy=False)
 
-    def _resolve_misses(
-        self, st: TableState, keys: np.ndarray, counts: dict[str, int]
-    ) -> np.ndarray:
-        """Rows for unique missed ``keys``: window, then LMDB (higher version wins), then policy."""
-        epoch = st.window.epoch  # before reading: a prune after this point drops the fill
-        wv, wver, wfound = st.window.get(keys)
-        try:
-            lv, lver, lfound = self._store.get(st.spec.name, keys)
-        except UnknownTableError:  # the processor has not written this table yet
-            lv, lver, lfound = np.zeros_like(wv), np.zeros_like(wver), np.zeros(keys.shape[0], bool)
-        except StoreError as e:
-            raise StoreError(f"miss path of table {st.spec.name!r}: {e}") from e
-        use_window = wfound & (~lfound | (wver >= lver))
-        found = wfound | lfound
-        rows = np.where(use_window[:, None], wv, lv)
-        versions = np.where(use_window, wver, lver)
-        counts["from_window"] = int(np.count_nonzero(use_window))
-        counts["from_store"] = int(np.count_nonzero(found & ~use_window))
-        counts["window_over_store"] = int(np.count_nonzero(use_window & lfound & (wver > lver)))
-        if found.any() and self._ingest is not None:
-            self._ingest.fills.put(
-                Fill(
-                    st.spec.name,
-                    keys[found],
-                    np.ascontiguousarray(rows[found]),
-                    versions[found].copy(),
-                    epoch,
-                )
+    def lookup_many(
+        self, keys: Mapping[str, Any], consistency: str = "eventual", timeout: float | None = None
+    ) -> dict[str, Any]:
+        """Rows of every table of one request: ``{table: keys}`` -> ``{table: [n_t, dim]}``.
+
+        Keys may be numpy, CuPy or torch (host, or on this worker's GPU; keys on another device
+        are refused). On a cuda worker the rows are torch tensors on the worker's device (DLPack
+        views of the lookup's output, no copy), and a request whose keys all hit synchronises
+        with the host once (the per-table miss counts); misses of every table are resolved
+        together (window, then one LMDB read transaction, one host-to-device copy). On a cpu
+        worker the rows are numpy arrays. ``consistency``/``timeout`` and the ``missing`` policy
+        as in :meth:`lookup`, applied to every table of the request.
+        """
+        rows = self._lookup_tables(keys, consistency, timeout)
+        if self._xp is np:
+            return rows
+        import torch
+
+        return {t: torch.from_dlpack(a) for t, a in rows.items()}
+
+    def lookup_pooled(
+        self,
+        table: str,
+        keys: Any,
+        offsets: Any = None,
+        lengths: Any = None,
+        mode: str = "sum",
+        consistency: str = "eventual",
+        timeout: float | None = None,
+        *,
+        include_last_offset: bool = False,
+    ) -> Any:
+        """Pooled (multi-hot) rows: bag ``b`` is the sum, or the mean, of the rows of its keys,
+        equal to ``torch.nn.functional.embedding_bag(keys, rows, offsets, mode=mode)``.
+
+        Bags are given by ``offsets`` (the start of each bag, as ``embedding_bag`` takes them;
+        with ``include_last_offset=True`` one more entry, ``len(keys)``) or by ``lengths`` (keys
+        per bag). On a cuda worker one fused kernel reads each resident row once and the result
+        is a torch tensor on the device; missed rows are resolved as in :meth:`lookup` and added
+        in. On a cpu worker: numpy. An empty bag is zeros.
+        """
+        with self._on_device():
+            return self._lookup_pooled(
+                table, keys, offsets, lengths, mode, consistency, timeout, include_last_offset
             )
-        if not found.all():
-            absent = ~found
-            counts["from_missing"] = int(np.count_nonzero(absent))
-            rows[absent] = fill_missing(
-                st.spec.name, st.spec.missing, keys[absent], st.spec.dim, st.spec.np_dtype
+
+    def _lookup_pooled(
+        self,
+        table: str,
+        keys: Any,
+        offsets: Any,
+        lengths: Any,
+        mode: str,
+        consistency: str,
+        timeout: float | None,
+        include_last_offset: bool,
+    ) -> Any:
+        from streamhps.cache.base import POOLING
+
+        st = self._table(table)
+        self._check_request(consistency)
+        if mode not in POOLING:
+            raise ValidationError(f"mode must be one of {POOLING}, got {mode!r}")
+        k = check_keys(table, keys, self.torch_device, self._max_keys(), self._xp)
+        self._check_owned(st, k)
+        offs = _bag_offsets(table, offsets, lengths, int(k.shape[0]), include_last_offset)
+        if consistency == "bounded":
+            self._check_bound(table, timeout)
+        counts = {"lookups": 1, "keys": int(k.shape[0])}
+        if self._requests is None:
+            pooled, hit = st.cache.lookup_pooled(k, offs, mode)
+            miss = np.flatnonzero(~hit)
+            if miss.size:
+                rows = self._resolve_many({table: k[miss]}, counts)[table]
+                _add_missed(np, pooled, rows, miss, offs, mode)
+        else:
+            pooled, miss = self._pooled_device(st, k, offs, mode, counts)
+        counts["hits"] = counts["keys"] - int(miss.size)
+        counts["misses"] = int(miss.size)
+        self._add_counts(counts)
+        if self._xp is np:
+            return pooled
+        import torch
+
+        return torch.from_dlpack(pooled)
+
+    def _pooled_device(
+        self, st: TableState, k: Any, offs: np.ndarray, mode: str, counts: dict[str, int]
+    ) -> tuple[Any, np.ndarray]:
+        req = self._requests
+        assert req is not None
+        cp = self._xp
+        with req.device, req.stream:
+            kd = cp.asarray(k)  # host keys: one H2D copy; device keys: as they are
+            od = cp.asarray(offs)
+            out = cp.empty((offs.shape[0] - 1, st.spec.dim), dtype=st.cache.dtype)
+            hit = cp.empty(int(kd.shape[0]), dtype=cp.bool_)
+            misses = cp.zeros(1, dtype=cp.uint32)
+            st.cache.pooled_into(kd, od, mode, out, hit, misses)
+            if int(misses.get(stream=req.stream)[0]) == 0:  # the one synchronisation
+                return out, np.zeros(0, np.int64)
+            miss = cp.flatnonzero(~hit).get(stream=req.stream)
+            mk = k[miss] if isinstance(k, np.ndarray) else kd[cp.asarray(miss)].get()
+            rows = self._resolve_many({st.spec.name: mk}, counts)[st.spec.name]
+            _add_missed(cp, out, cp.asarray(rows), cp.asarray(miss), cp.asarray(offs), mode)
+            req.stream.synchronize()
+        return out, miss
+
+    def _max_keys(self) -> int:
+        return int(self.config.serving.max_lookup_keys)
+
+    def _check_request(self, consistency: str) -> None:
+        if consistency not in CONSISTENCY:
+            raise ValidationError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
+        if not self._started or self._stopped:
+            raise StreamHPSError("worker is not running: call start() first")
+
+    def _lookup_tables(
+        self, keys: Mapping[str, Any], consistency: str, timeout: float | None
+    ) -> dict[str, Any]:
+        """The shared lookup path: table -> rows (numpy on cpu, CuPy on cuda)."""
+        with self._on_device():
+            return self._lookup_tables_here(keys, consistency, timeout)
+
+    def _lookup_tables_here(
+        self, keys: Mapping[str, Any], consistency: str, timeout: float | None
+    ) -> dict[str, Any]:
+        if not isinstance(keys, Mapping):
+            raise ValidationError(
+                f"lookup_many takes a mapping of table name -> keys, got {type(keys).__name__}"
             )
+        states = {t: self._table(t) for t in keys}
+        self._check_request(consistency)
+        limit = self._max_keys()
+        ks = {t: check_keys(t, k, self.torch_device, limit, self._xp) for t, k in keys.items()}
+        for t, k in ks.items():
+            self._check_owned(states[t], k)
+        if consistency == "bounded":
+            deadline = time.monotonic() + (timeout or 0.0)
+            for t in ks:
+                self._check_bound(t, max(0.0, deadline - time.monotonic()))
+        if not ks:
+            return {}
+        n_keys = sum(int(k.shape[0]) for k in ks.values())
+        counts = {"lookups": len(ks), "keys": n_keys}
+        if self._requests is not None:
+            rows, misses = self._requests.lookup(
+                {t: states[t].cache for t in ks}, ks, lambda m: self._resolve_many(m, counts)
+            )
+            n_miss = int(misses.sum())
+        else:
+            rows, n_miss = self._lookup_host(states, ks, counts)
+        counts["hits"] = n_keys - n_miss
+        counts["misses"] = n_miss
+        self._add_counts(counts)
         return rows
 
-    def _check_keys(self, keys: Any) -> np.ndarray:
-        if hasattr(keys, "__cuda_array_interface__"):
-            keys = self._xp.asnumpy(keys)
-        a = np.asarray(keys)
-        if a.ndim != 1:
-            raise ValidationError(f"keys must be a 1-D array of int64 ids, got shape {a.shape}")
-        if a.size and a.dtype.kind not in "iu":
-            raise ValidationError(f"keys must be integers (int64 ids), got dtype {a.dtype}")
-        limit = self.config.serving.max_lookup_keys
-        if a.shape[0] > limit:
-            raise ValidationError(
-                f"{a.shape[0]} keys in one lookup, over serving.max_lookup_keys = {limit}; split the batch"
+    def _lookup_host(
+        self, states: dict[str, TableState], keys: dict[str, np.ndarray], counts: dict[str, int]
+    ) -> tuple[dict[str, np.ndarray], int]:
+        rows: dict[str, np.ndarray] = {}
+        missed: dict[str, np.ndarray] = {}
+        for t, k in keys.items():
+            values, hit = states[t].cache.lookup(k)
+            rows[t] = values
+            if not hit.all():
+                missed[t] = np.flatnonzero(~hit)
+        if missed:
+            found = self._resolve_many({t: keys[t][m] for t, m in missed.items()}, counts)
+            for t, m in missed.items():
+                if not rows[t].flags.writeable:
+                    rows[t] = rows[t].copy()
+                rows[t][m] = found[t]
+        return rows, sum(int(m.size) for m in missed.values())
+
+    def _add_counts(self, counts: dict[str, int]) -> None:
+        with self._stats_lock:
+            for name, v in counts.items():
+                self._lookup_counts[name] += v
+
+    def _resolve_many(
+        self, missed: dict[str, np.ndarray], counts: dict[str, int]
+    ) -> dict[str, np.ndarray]:
+        """Rows of missed keys of several tables (``table -> keys``, duplicates allowed; rows in
+        the same order): window first, then ONE LMDB read transaction for every table, the
+        higher version wins; fills for the cache; then each table's ``missing`` policy."""
+        uniq: dict[str, tuple[np.ndarray, np.ndarray]] = {
+            t: np.unique(k, return_inverse=True) for t, k in missed.items()
+        }
+        # each window's epoch before reading it: a prune after this point drops the fill
+        epochs = {t: self._tables[t].window.epoch for t in uniq}
+        windows = {t: self._tables[t].window.get(u) for t, (u, _) in uniq.items()}
+        try:
+            stored = self._store.get_many({t: u for t, (u, _) in uniq.items()})
+        except StoreError as e:
+            raise StoreError(f"miss path of table(s) {sorted(uniq)}: {e}") from e
+        out: dict[str, np.ndarray] = {}
+        refusal: Exception | None = None
+        for t, (keys, inverse) in uniq.items():
+            st = self._tables[t]
+            wv, wver, wfound = windows[t]
+            if t in stored:  # absent: the processor has not written this table yet
+                lv, lver, lfound = stored[t]
+            else:
+                lv, lver, lfound = (
+                    np.zeros_like(wv),
+                    np.zeros_like(wver),
+                    np.zeros(keys.shape[0], bool),
+                )
+            use_window = wfound & (~lfound | (wver >= lver))
+            found = wfound | lfound
+            rows = np.where(use_window[:, None], wv, lv)
+            versions = np.where(use_window, wver, lver)
+            counts["from_window"] = counts.get("from_window", 0) + int(np.count_nonzero(use_window))
+            counts["from_store"] = counts.get("from_store", 0) + int(
+                np.count_nonzero(found & ~use_window)
             )
-        if a.dtype == np.uint64:
-            return a.view(np.int64)
-        return a.astype(np.int64, copy=False)
+            counts["window_over_store"] = counts.get("window_over_store", 0) + int(
+                np.count_nonzero(use_window & lfound & (wver > lver))
+            )
+            if found.any() and self._ingest is not None:
+                self._ingest.fills.put(
+                    Fill(t, keys[found], np.ascontiguousarray(rows[found]), versions[found].copy(), epochs[t])
+                )  # fmt: skip
+            if not found.all():
+                absent = ~found
+                counts["from_missing"] = counts.get("from_missing", 0) + int(
+                    np.count_nonzero(absent)
+                )
+                try:
+                    rows[absent] = fill_missing(
+                        t, st.spec.missing, keys[absent], st.spec.dim, st.spec.np_dtype
+                    )
+                except StreamHPSError as e:  # every table's fills go out first
+                    refusal = refusal or e
+            out[t] = rows[inverse]
+        if refusal is not None:
+            raise refusal
+        return out
 
     def _owned_mask(self, table: str) -> np.ndarray | None:
         """``mask[p]``: this worker serves partition ``p`` of ``table``; None when it serves all."""
@@ -640,11 +818,13 @@ class InferenceWorker:
         mask[owned] = True
         return mask
 
-    def _check_owned(self, st: TableState, keys: np.ndarray) -> None:
+    def _check_owned(self, st: TableState, keys: Any) -> None:
         """Refuse keys of partitions another shard serves, naming it (never answer from nothing)."""
         mask = self._masks.get(st.spec.name)
         if mask is None or keys.size == 0:
             return
+        if not isinstance(keys, np.ndarray):
+            keys = keys.get()  # device keys on a sharded worker: one read to check ownership
         parts = partition_of(keys, st.spec.partitions)
         bad = np.flatnonzero(~mask[parts])
         if bad.size:
@@ -686,7 +866,10 @@ class InferenceWorker:
             raise StreamHPSError("worker is not running: call start() first") from None
 
     def _to_dev(self, a: np.ndarray) -> Any:
-        return a if self._xp is np else self._xp.asarray(a)
+        if self._xp is np:
+            return a
+        with self._on_device():
+            return self._xp.asarray(a)
 
     # ---------------------------------------------------------------- dense model
 
@@ -820,3 +1003,55 @@ def _load_placement(
     if not p.partitions_of(int(shard)):
         raise ConfigError(f"shard {shard} of the placement serves no partition: nothing to do")
     return p, int(shard)
+
+
+def _bag_offsets(
+    table: str, offsets: Any, lengths: Any, n_keys: int, include_last: bool = False
+) -> np.ndarray:
+    """CSR bag boundaries (``n_bags + 1`` int64 entries from 0 to ``n_keys``), on the host."""
+    if (offsets is None) == (lengths is None):
+        raise ValidationError(
+            f"pooled lookup of table {table!r}: pass offsets= or lengths=, not both"
+        )
+    raw = offsets if offsets is not None else lengths
+    if array_device(raw) != "cpu":
+        raw = raw.cpu() if hasattr(raw, "cpu") else raw.get()  # one small read of the bag layout
+    a = np.asarray(raw)
+    what = "offsets" if offsets is not None else "lengths"
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise ValidationError(
+            f"pooled lookup of table {table!r}: {what} must be a 1-D integer array, got shape "
+            f"{a.shape} dtype {a.dtype}"
+        )
+    a = a.astype(np.int64, copy=False)
+    if lengths is not None:
+        if (a < 0).any() or int(a.sum()) != n_keys:
+            raise ValidationError(
+                f"pooled lookup of table {table!r}: lengths must be >= 0 and sum to the number "
+                f"of keys ({n_keys}), got sum {int(a.sum())}"
+            )
+        return np.concatenate(([0], np.cumsum(a)))
+    if not include_last:
+        a = np.concatenate((a, [n_keys]))  # embedding_bag's form: the start of each bag
+    if a[0] != 0 or (a[1:] < a[:-1]).any() or a[-1] != n_keys:
+        raise ValidationError(
+            f"pooled lookup of table {table!r}: offsets must start at 0 and rise to the number "
+            f"of keys ({n_keys}) without going back; got {a[:8].tolist()}{'...' if a.size > 8 else ''}"
+        )
+    return a
+
+
+def _add_missed(xp: Any, pooled: Any, rows: Any, miss: Any, offsets: Any, mode: str) -> None:
+    """Add resolved rows of missed keys into their bags (scaled by 1 / length for "mean")."""
+    bag = xp.searchsorted(offsets, miss, side="right") - 1
+    r = rows.astype(xp.float32)
+    if mode == "mean":
+        r /= (offsets[bag + 1] - offsets[bag]).astype(xp.float32)[:, None]
+    acc = pooled.astype(xp.float32)
+    if xp is np:
+        np.add.at(acc, bag, r)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(acc, bag, r)
+    pooled[...] = acc.astype(pooled.dtype, copy=False)
