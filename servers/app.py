@@ -11,21 +11,32 @@ Read-only by construction: no route writes a row (DESIGN.md invariant 8). Routes
     POST /v1/lookup    JSON {"table", "keys", "consistency"?} -> {"vectors": [[...]], ...}
                        or binary: body = little-endian int64 keys, ?table=NAME[&consistency=]
                        -> raw [n, dim] bytes, headers X-Streamhps-Dtype / X-Streamhps-Shape
+    POST /v1/lookup_many  binary: body = every table's int64 keys, one after the other,
+                       ?tables=A,B&counts=nA,nB[&consistency=] -> the rows of each table, one
+                       after the other, header X-Streamhps-Layout: A:<f4:nA:dim,B:...
     POST /v1/predict   JSON {"features": {table: [ids]}, "dense": [[...]]?} -> {"scores": [...]}
 
 Errors are JSON ``{"error": {"type": <streamhps exception name>, "message": ...}}`` with a 4xx
 status for a bad request (400 malformed, 404 unknown table or key, 413 too many keys,
-415 wrong content type) and 503 for a stale worker or a missing dense model.
+415 wrong content type, 421 a key another sparse shard serves) and 503 for a stale worker, an
+unreachable sparse shard or a missing dense model.
+
+Roles (``role=``): ``single`` (default) serves one worker that holds every table; ``sparse``
+serves a sharded worker's lookups only (no dense model, predict answers 404); ``main`` serves a
+:class:`~streamhps.routing.ShardRouter` in place of the worker: its lookups fan out to the sparse
+shards and it predicts with the dense model it follows itself.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import json
 import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -35,9 +46,11 @@ import numpy as np
 
 from servers.model import DenseModel
 from servers.status_page import PAGE
+from streamhps.client import encode_layout
 from streamhps.config import Config
 from streamhps.errors import (
     MissingKeyError,
+    NotOwnedError,
     StaleReadError,
     StreamHPSError,
     UnknownTableError,
@@ -49,6 +62,7 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 MAX_BODY_BYTES = 64 << 20
 CONSISTENCY = ("eventual", "bounded")
+ROLES = ("single", "sparse", "main")
 
 ROUTES: dict[str, tuple[str, ...]] = {
     "/": ("GET",),
@@ -58,6 +72,7 @@ ROUTES: dict[str, tuple[str, ...]] = {
     "/v1/status": ("GET",),
     "/v1/history": ("GET",),
     "/v1/lookup": ("POST",),
+    "/v1/lookup_many": ("POST",),
     "/v1/predict": ("POST",),
     "/favicon.ico": ("GET",),
 }
@@ -132,7 +147,11 @@ class InferenceServer:
         port: int = 8000,
         history_seconds: int = 900,
         sample_interval: float = 1.0,
+        role: str = "single",
     ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
         self.worker = worker
         self.config = config
         self.tables = {t.name: t for t in config.tables}
@@ -163,6 +182,8 @@ class InferenceServer:
         self.httpd.daemon_threads = True
         self.httpd.app = self  # type: ignore[attr-defined]
         self._threads: list[threading.Thread] = []
+        if role == "sparse":
+            return  # lookups only: no dense model
         worker.on_dense(self._on_dense)
         current = worker.dense_model()
         if current is not None:
@@ -270,18 +291,59 @@ class InferenceServer:
         self, table: str, keys: np.ndarray, consistency: str, *, count: bool = True
     ) -> np.ndarray:
         t0 = time.perf_counter()
-        try:
+        with _lookup_errors():
             out = self.worker.lookup(table, keys, consistency=consistency)
-        except MissingKeyError as e:
-            raise HTTPError(404, str(e), "MissingKeyError") from None
-        except StaleReadError as e:
-            raise HTTPError(503, str(e), "StaleReadError") from None
-        except UnknownTableError as e:
-            raise HTTPError(404, str(e), "UnknownTableError") from None
         self.latency[table].observe(time.perf_counter() - t0)
         if count:  # predict's own lookups are counted as predicts
             self._count(lookups=1, lookup_keys=int(keys.size))
         return np.asarray(out)
+
+    def lookup_many(
+        self, keys: dict[str, np.ndarray], consistency: str, *, count: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Rows of several tables: the worker's ``lookup_many`` when it has one (one request of
+        every table: a router fans it out once), else one ``lookup`` per table."""
+        many = getattr(self.worker, "lookup_many", None)
+        if many is None:
+            return {t: self.lookup(t, k, consistency, count=count) for t, k in keys.items()}
+        t0 = time.perf_counter()
+        with _lookup_errors():
+            out = many(keys, consistency=consistency)
+        dt = time.perf_counter() - t0
+        for t in keys:
+            self.latency[t].observe(dt)
+        if count:
+            self._count(lookups=len(keys), lookup_keys=sum(int(k.size) for k in keys.values()))
+        return {t: _host(out[t]) for t in keys}
+
+    def handle_lookup_many_binary(
+        self, query: dict[str, list[str]], body: bytes
+    ) -> dict[str, np.ndarray]:
+        names = (query.get("tables") or [""])[0].split(",")
+        try:
+            counts = [int(c) for c in (query.get("counts") or [""])[0].split(",")]
+        except ValueError:
+            raise HTTPError(
+                400, "'counts' must be comma-separated key counts, one per table"
+            ) from None
+        if len(names) != len(counts) or not all(names) or min(counts) < 0:
+            raise HTTPError(400, "give ?tables=A,B&counts=nA,nB: one count >= 0 per table")
+        if len(set(names)) != len(names):
+            raise HTTPError(400, f"a table appears twice in 'tables': {names}")
+        tables = [self._table(t) for t in names]
+        if len(body) != 8 * sum(counts):
+            raise HTTPError(
+                400, f"binary body is {len(body)} bytes; counts {counts} need {8 * sum(counts)}"
+            )
+        if sum(counts) > self.max_keys:
+            raise HTTPError(413, f"{sum(counts)} keys in one request; the limit is {self.max_keys}")
+        consistency = self._consistency(
+            query["consistency"][0] if query.get("consistency") else None
+        )
+        allkeys = np.frombuffer(body, dtype="<i8").astype(np.int64, copy=False)
+        bounds = np.cumsum([0, *counts])
+        keys = {t: allkeys[bounds[i] : bounds[i + 1]] for i, t in enumerate(tables)}
+        return self.lookup_many(keys, consistency)
 
     def handle_lookup_json(self, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):
@@ -327,6 +389,13 @@ class InferenceServer:
             raise HTTPError(
                 400, f"unknown field(s) {unknown}; allowed: features, dense, consistency"
             )
+        if self.role == "sparse":
+            raise HTTPError(
+                404,
+                "this is a sparse shard (serve --role sparse): it answers lookups only; send "
+                "predicts to the main shard",
+                "NotFound",
+            )
         model = self._model
         if model is None:
             why = self._model_error or "no dense model has arrived from the trainer yet"
@@ -370,7 +439,8 @@ class InferenceServer:
         else:
             x = np.zeros((n, 0), dtype=np.float32)
         consistency = self._consistency(body.get("consistency"))
-        embs = [self.lookup(t, ids[t], consistency, count=False) for t in model.tables]
+        rows = self.lookup_many({t: ids[t] for t in model.tables}, consistency, count=False)
+        embs = [rows[t] for t in model.tables]
         scores = model.predict(embs, x) if n else np.empty(0)
         self.predict_latency.observe(time.perf_counter() - t0)
         self._count(predicts=1, predict_rows=n)
@@ -564,6 +634,32 @@ class InferenceServer:
         return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def _lookup_errors() -> Iterator[None]:
+    """Worker errors of a lookup as the HTTP answers clients map back to exceptions."""
+    try:
+        yield
+    except MissingKeyError as e:
+        raise HTTPError(404, str(e), "MissingKeyError") from None
+    except NotOwnedError as e:  # 421 Misdirected Request: ask the shard that serves the key
+        raise HTTPError(421, str(e), "NotOwnedError") from None
+    except StaleReadError as e:  # ShardUnavailableError too (a main whose shard is down)
+        raise HTTPError(503, str(e), type(e).__name__) from None
+    except UnknownTableError as e:
+        raise HTTPError(404, str(e), "UnknownTableError") from None
+
+
+def _host(a: Any) -> np.ndarray:
+    """Rows as a numpy array (a cuda worker may answer with torch or CuPy arrays)."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "detach"):  # torch
+        return np.asarray(a.detach().cpu().numpy())
+    if hasattr(a, "get"):  # CuPy
+        return np.asarray(a.get())
+    return np.asarray(a)
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -620,6 +716,9 @@ class _Handler(BaseHTTPRequestHandler):
         query = parse_qs(url.query)
         try:
             body = self._read_body()
+            if self.app._stop.is_set():  # a keep-alive connection outliving stop()
+                self.close_connection = True
+                raise HTTPError(503, "the server is stopping", "NotReady")
             allowed = ROUTES.get(path)
             if allowed is None:
                 raise HTTPError(404, f"no route {path}; routes: {sorted(ROUTES)}", "NotFound")
@@ -708,6 +807,17 @@ class _Handler(BaseHTTPRequestHandler):
                 )  # fmt: skip
             else:
                 self._json(200, app.handle_lookup_json(self._json_body(body)), clean=True)
+        elif path == "/v1/lookup_many":
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+            if ctype != "application/octet-stream":
+                raise HTTPError(415, "/v1/lookup_many takes application/octet-stream int64 keys")
+            rows = app.handle_lookup_many_binary(query, body)
+            data = b"".join(
+                np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).tobytes()
+                for a in rows.values()
+            )
+            self._send(200, data, "application/octet-stream",
+                       {"X-Streamhps-Layout": encode_layout(rows)})  # fmt: skip
         elif path == "/v1/predict":
             self._json(200, app.handle_predict(self._json_body(body)), clean=True)
 

@@ -1,4 +1,14 @@
-"""``streamhps serve``: the inference server over one worker."""
+"""``streamhps serve``: the inference server over one worker (or, as a main shard, over sparse shards).
+
+Roles:
+
+* ``single`` (default): one worker holding every table; lookups and predicts.
+* ``sparse``: a sharded worker (``--placement P --shard I``) answering lookups of its partitions
+  only; rows from every ``--store`` given (one per processor shard, or a directory of them).
+* ``main``: no worker; holds the dense model (follows the dense topic itself) and fans each
+  request's lookups out to the sparse shards (``--placement P --shards URL,URL,...``, in shard
+  order), then predicts.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +18,39 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    s = sub.add_parser("serve", help="run the HTTP inference server over one inference worker")
+    s = sub.add_parser(
+        "serve",
+        help="run the HTTP inference server (one worker; or a sparse shard, or the main shard)",
+    )
     s.add_argument("--config", default=None, help="config TOML (default $STREAMHPS_CONFIG)")
-    s.add_argument("--store", required=True, help="LMDB store directory written by the processor")
-    s.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cache backend")
+    s.add_argument(
+        "--role",
+        choices=("single", "sparse", "main"),
+        default="single",
+        help="single: one worker, every table (default); sparse: the lookups of one shard of a "
+        "placement; main: the dense model, lookups fanned out to the sparse shards",
+    )
+    s.add_argument(
+        "--store",
+        action="append",
+        default=[],
+        help="LMDB store written by a processor; repeat it for several processor shards, or give "
+        "a directory whose sub-directories are their stores (single and sparse roles)",
+    )
+    s.add_argument(
+        "--placement", default=None, help="placement file from `streamhps plan` (sparse, main)"
+    )
+    s.add_argument("--shard", type=int, default=None, help="this sparse shard's number (sparse)")
+    s.add_argument(
+        "--shards",
+        default=None,
+        help="URL,URL,...: the sparse shards in shard order (main)",
+    )
+    s.add_argument(
+        "--device",
+        default="cpu",
+        help="cache backend: cpu, cuda or cuda:N (GPU N; one worker process per GPU)",
+    )
     s.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in containers)"
     )
@@ -25,24 +64,61 @@ def register(sub: Any) -> None:
     s.set_defaults(func=_cmd_serve)
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    from streamhps.errors import ConfigError
+
+    if args.role in ("single", "sparse") and not args.store:
+        raise ConfigError(f"serve --role {args.role} needs --store (repeatable)")
+    if args.role == "sparse" and (args.placement is None or args.shard is None):
+        raise ConfigError("serve --role sparse needs --placement P and --shard I")
+    if args.role == "main" and (args.placement is None or not args.shards):
+        raise ConfigError("serve --role main needs --placement P and --shards URL,URL,...")
+    if args.role == "single" and (args.placement or args.shard is not None or args.shards):
+        raise ConfigError(
+            "--placement/--shard/--shards need --role sparse (one shard) or --role main"
+        )
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from servers.app import InferenceServer
     from streamhps.cli import _wait_for_signal, console
     from streamhps.config import Config
-    from streamhps.worker import InferenceWorker
 
+    _check_args(args)
     cfg = Config.load(args.config)
-    worker = InferenceWorker.from_config(cfg, store=args.store, device=args.device)
+    worker: Any
+    if args.role == "main":
+        from streamhps.routing import ShardRouter
+
+        urls = [u.strip() for u in args.shards.split(",") if u.strip()]
+        worker = ShardRouter(cfg, args.placement, urls)
+        what = f"main over {len(urls)} sparse shards ({', '.join(urls)})"
+    else:
+        from streamhps.worker import InferenceWorker
+
+        sparse = args.role == "sparse"
+        worker = InferenceWorker.from_config(
+            cfg,
+            store=args.store,
+            device=args.device,
+            placement=args.placement if sparse else None,
+            shard=args.shard if sparse else None,
+            follow_dense=not sparse,
+        )
+        owned = "; ".join(f"{t} {ps}" for t, ps in worker.owned.items() if ps)
+        what = f"sparse shard {args.shard} (partitions {owned})" if sparse else "single worker"
+        what += f"; device {args.device}"
     worker.start()
     try:
         if args.ready_timeout:
             worker.wait_ready(args.ready_timeout)
-        server = InferenceServer(worker, cfg, host=args.host, port=args.port).start()
+        server = InferenceServer(worker, cfg, host=args.host, port=args.port, role=args.role)
+        server.start()
         try:
             console.print(
-                f"[green]inference server[/] on [bold]{server.url}[/] "
-                f"(tables {', '.join(t.name for t in cfg.tables)}; device {args.device}; "
-                f"staleness bound {cfg.serving.max_staleness_s}s). Status page: {server.url}/ . Ctrl-C to stop.",
+                f"[green]inference server[/] on [bold]{server.url}[/]: {what} (tables "
+                f"{', '.join(t.name for t in cfg.tables)}; staleness bound "
+                f"{cfg.serving.max_staleness_s}s). Status page: {server.url}/ . Ctrl-C to stop.",
                 soft_wrap=True,
             )
             sig = _wait_for_signal()

@@ -8,6 +8,11 @@
     client.wait_ready(timeout=30)
     vecs = client.lookup("user", [1, 2, 3])            # numpy [3, dim]
     scores = client.predict({"user": [1], "item": [7]}, dense=[[0.1, 0.2]])
+    rows = client.lookup_many({"user": [1, 2], "item": [7]})   # every table in one request
+
+    # sparse shards (``serve --role sparse``): route each key to the shard that serves it
+    sharded = ShardedClient("placement.json", ["http://10.0.0.1:8001", "http://10.0.0.2:8001"])
+    rows = sharded.lookup_many({"user": users, "item": items})  # fan-out in parallel, merged in order
 
 Lookups travel in the binary form (int64 keys in, raw ``[n, dim]`` out; ``binary=False``
 for the JSON form). Errors the
@@ -15,7 +20,8 @@ server reports are raised as streamhps exceptions carrying the server's message:
 :class:`~streamhps.errors.UnknownTableError`, :class:`~streamhps.errors.MissingKeyError`,
 :class:`~streamhps.errors.StaleReadError`, else :class:`~streamhps.errors.ServerError`
 (``.status`` holds the HTTP status on each). :class:`AsyncInferenceClient` is the asyncio
-twin with the same methods.
+twin with the same methods. :class:`ShardedClient` routes lookups over sparse shards by a
+placement (``streamhps plan``) for users who run their own model step.
 """
 
 from __future__ import annotations
@@ -24,22 +30,30 @@ import asyncio
 import http.client
 import json
 import logging
+import os
+import re
 import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 import numpy as np
 
 from streamhps.errors import (
     MissingKeyError,
+    NotOwnedError,
     ServerError,
+    ShardUnavailableError,
     StaleReadError,
     StreamHPSError,
     UnknownTableError,
 )
+
+if TYPE_CHECKING:
+    from streamhps.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +61,8 @@ _ERRORS: dict[str, type[StreamHPSError]] = {
     "UnknownTableError": UnknownTableError,
     "MissingKeyError": MissingKeyError,
     "StaleReadError": StaleReadError,
+    "ShardUnavailableError": ShardUnavailableError,
+    "NotOwnedError": NotOwnedError,
 }
 
 
@@ -104,6 +120,23 @@ class InferenceClient:
         )
         dim = int(out["dim"])
         return np.asarray(out["vectors"], dtype=out["dtype"]).reshape(-1, dim)
+
+    def lookup_many(
+        self, keys: Mapping[str, Sequence[int] | np.ndarray], *, consistency: str = "eventual"
+    ) -> dict[str, np.ndarray]:
+        """Rows of several tables in one request (binary): ``{table: keys}`` -> ``{table: [n, dim]}``."""
+        tables = list(keys)
+        ks = [_int64_keys(keys[t]) for t in tables]
+        if not tables:
+            return {}
+        path = (
+            f"/v1/lookup_many?tables={quote(','.join(tables))}"
+            f"&counts={','.join(str(k.shape[0]) for k in ks)}&consistency={quote(consistency)}"
+        )
+        body = b"".join(np.ascontiguousarray(k, dtype="<i8").tobytes() for k in ks)
+        status, headers, data = self._request("POST", path, body, "application/octet-stream")
+        self._raise_for(status, data)
+        return decode_rows(headers.get("x-streamhps-layout", ""), data)
 
     def predict(
         self,
@@ -306,3 +339,247 @@ class AsyncInferenceClient:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
+
+
+def _int64_keys(keys: Sequence[int] | np.ndarray) -> np.ndarray:
+    k = np.asarray(keys)
+    if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
+        raise ValueError(
+            f"keys must be a flat sequence of integer ids, got dtype {k.dtype} shape {k.shape}"
+        )
+    return k.view(np.int64) if k.dtype == np.uint64 else k.astype(np.int64, copy=False)
+
+
+def encode_layout(rows: Mapping[str, np.ndarray]) -> str:
+    """``X-Streamhps-Layout`` of a multi-table answer: ``table:dtype:n:dim,...`` (dtype as numpy's
+    little-endian type string, e.g. ``<f4``), in body order."""
+    return ",".join(
+        f"{t}:{a.dtype.newbyteorder('<').str}:{a.shape[0]}:{a.shape[1] if a.ndim == 2 else 0}"
+        for t, a in rows.items()
+    )
+
+
+def decode_rows(layout: str, data: bytes) -> dict[str, np.ndarray]:
+    """Split a multi-table answer body by its layout header (zero-copy views)."""
+    out: dict[str, np.ndarray] = {}
+    off = 0
+    for item in filter(None, layout.split(",")):
+        table, dt, n, dim = item.rsplit(":", 3)
+        dtype = np.dtype(dt)
+        count = int(n) * int(dim)
+        a = np.frombuffer(data, dtype=dtype, count=count, offset=off).reshape(int(n), int(dim))
+        out[table] = a.astype(dtype.newbyteorder("="), copy=False)
+        off += count * dtype.itemsize
+    if off != len(data):
+        raise ServerError(f"lookup_many answer is {len(data)} bytes but its layout says {off}")
+    return out
+
+
+class ShardedClient:
+    """Lookups over sparse shards (``streamhps serve --role sparse``), routed by a placement.
+
+    ``placement``: a :class:`~streamhps.placement.Placement` or its file; ``urls``: the shards'
+    addresses in shard order (``urls[i]`` serves shard ``i``). Each key goes to the shard that
+    serves its partition (``placement.owner``); the shards are asked in parallel (one
+    multi-table request per shard) and the rows merged back in request order.
+
+    A shard that cannot be reached raises :class:`ShardUnavailableError` naming it (a
+    :class:`StaleReadError`); a shard past its staleness bound refuses bounded reads with
+    :class:`StaleReadError` (retried until ``timeout`` when one is given). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        placement: Placement | str | os.PathLike[str],
+        urls: Sequence[str],
+        *,
+        timeout: float = 10.0,
+        max_workers: int | None = None,
+    ) -> None:
+        from streamhps.placement import Placement
+
+        self.placement = (
+            placement if isinstance(placement, Placement) else Placement.load(placement)
+        )
+        urls = list(urls)
+        if len(urls) != self.placement.n_shards:
+            raise ValueError(
+                f"the placement has {self.placement.n_shards} shards but {len(urls)} url(s) were "
+                "given; give one url per shard, in shard order"
+            )
+        self.clients = [InferenceClient(u, timeout=timeout) for u in urls]
+        self.urls = [c.url for c in self.clients]
+        self._pool = ThreadPoolExecutor(
+            max_workers=max_workers or max(4, 2 * len(urls)), thread_name_prefix="streamhps-fanout"
+        )
+        self._stats_lock = threading.Lock()
+        self.counters = {"requests": 0, "keys": 0, "shard_requests": 0, "errors": 0}
+
+    # ------------------------------------------------------------------ routing
+
+    def split(self, table: str, keys: Sequence[int] | np.ndarray) -> dict[int, np.ndarray]:
+        """Shard -> positions in ``keys`` of the keys it serves (each position in exactly one)."""
+        k = _int64_keys(keys)
+        owner = self.placement.owner(table, k)
+        order = np.argsort(owner, kind="stable")
+        bounds = np.searchsorted(owner[order], np.arange(self.placement.n_shards + 1))
+        return {
+            s: order[bounds[s] : bounds[s + 1]]
+            for s in range(self.placement.n_shards)
+            if bounds[s + 1] > bounds[s]
+        }
+
+    def lookup(
+        self,
+        table: str,
+        keys: Sequence[int] | np.ndarray,
+        consistency: str = "eventual",
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Rows of ``keys`` of ``table`` (numpy ``[n, dim]``), from the shards that serve them."""
+        return self.lookup_many({table: keys}, consistency, timeout)[table]
+
+    def lookup_many(
+        self,
+        keys: Mapping[str, Sequence[int] | np.ndarray],
+        consistency: str = "eventual",
+        timeout: float | None = None,
+    ) -> dict[str, np.ndarray]:
+        """``{table: keys}`` -> ``{table: rows}``: one request per shard involved, in parallel."""
+        deadline = time.monotonic() + (timeout or 0.0)
+        while True:
+            try:
+                return self._lookup_many(keys, consistency)
+            except ShardUnavailableError:
+                raise
+            except StaleReadError:
+                if consistency != "bounded" or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.01)
+
+    def _lookup_many(
+        self, keys: Mapping[str, Sequence[int] | np.ndarray], consistency: str
+    ) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        per_shard: dict[int, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        n_keys = 0
+        for table, raw in keys.items():
+            k = _int64_keys(raw)
+            info = self.placement.tables.get(table)
+            if info is None:
+                raise UnknownTableError(
+                    f"unknown table {table!r}; the placement has {sorted(self.placement.tables)}"
+                )
+            out[table] = np.empty((k.shape[0], info.dim), dtype=info.dtype)
+            n_keys += int(k.shape[0])
+            for s, idx in self.split(table, k).items():
+                per_shard.setdefault(s, {})[table] = (idx, k[idx])
+        with self._stats_lock:
+            self.counters["requests"] += 1
+            self.counters["keys"] += n_keys
+            self.counters["shard_requests"] += len(per_shard)
+        if len(per_shard) == 1:
+            ((s, req),) = per_shard.items()
+            results = [(s, req, self._ask(s, req, consistency))]
+        else:
+            futs = [
+                (s, req, self._pool.submit(self._ask, s, req, consistency))
+                for s, req in per_shard.items()
+            ]
+            results = []
+            error: BaseException | None = None
+            for s, req, f in futs:  # wait for all: no request left running on a shared connection
+                try:
+                    results.append((s, req, f.result()))
+                except BaseException as e:  # noqa: BLE001 - re-raised below, first one wins
+                    error = error or e
+            if error is not None:
+                raise error
+        for _s, req, rows in results:
+            for table, (idx, _k) in req.items():
+                out[table][idx] = rows[table]
+        return out
+
+    def _ask(
+        self, shard: int, req: Mapping[str, tuple[np.ndarray, np.ndarray]], consistency: str
+    ) -> dict[str, np.ndarray]:
+        client = self.clients[shard]
+        try:
+            return client.lookup_many({t: k for t, (_i, k) in req.items()}, consistency=consistency)
+        except StaleReadError as e:
+            self._count_error()
+            raise type(e)(f"shard {shard} ({client.url}): {self._said(e)}") from e
+        except ServerError as e:
+            self._count_error()
+            status = getattr(e, "status", None)
+            if status is None or status >= 500:  # down, stopping, or failing: not answering
+                raise ShardUnavailableError(
+                    f"shard {shard} ({client.url}) is unavailable: {e}"
+                ) from e
+            raise
+        except (MissingKeyError, NotOwnedError, UnknownTableError) as e:
+            self._count_error()
+            raise type(e)(f"shard {shard} ({client.url}): {self._said(e)}") from e
+
+    @staticmethod
+    def _said(e: BaseException) -> str:
+        """A shard's message without the HTTP status the client appended (it is re-answered)."""
+        return re.sub(r" \(HTTP \d{3}\)$", "", str(e))
+
+    def _count_error(self) -> None:
+        with self._stats_lock:
+            self.counters["errors"] += 1
+
+    # ------------------------------------------------------------------ health
+
+    def shard_states(self) -> list[tuple[bool, str | None]]:
+        """(ready, reason) of every shard, asked now (in parallel)."""
+
+        def ask(c: InferenceClient) -> tuple[bool, str | None]:
+            try:
+                return c.ready()
+            except ServerError as e:
+                return False, f"unreachable: {e}"
+
+        return list(self._pool.map(ask, self.clients))
+
+    def not_ready_reason(self) -> str | None:
+        """None when every shard is ready, else the first one that is not, named."""
+        for s, (ok, reason) in enumerate(self.shard_states()):
+            if not ok:
+                return f"shard {s} ({self.urls[s]}) is not ready: {reason}"
+        return None
+
+    def ready(self) -> bool:
+        return self.not_ready_reason() is None
+
+    def wait_ready(self, timeout: float = 30.0, *, interval: float = 0.1) -> None:
+        """Block until every shard is ready; raise :class:`ServerError` naming one that is not."""
+        deadline = time.monotonic() + timeout
+        while True:
+            reason = self.not_ready_reason()
+            if reason is None:
+                return
+            if time.monotonic() >= deadline:
+                raise ServerError(f"not ready after {timeout:.1f}s: {reason}")
+            time.sleep(interval)
+
+    def staleness(self) -> dict[str, dict[int, dict[str, Any]]]:
+        """Per table, per partition, from the shard that serves it (each shard's ``/v1/status``)."""
+        merged: dict[str, dict[int, dict[str, Any]]] = {}
+        for status in self._pool.map(lambda c: c.status(), self.clients):
+            for table, parts in (status.get("staleness") or {}).items():
+                for p, row in parts.items():
+                    merged.setdefault(table, {})[int(p)] = row
+        return {t: dict(sorted(ps.items())) for t, ps in merged.items()}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for c in self.clients:
+            c.close()
+
+    def __enter__(self) -> ShardedClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
