@@ -421,13 +421,15 @@ class ShardedClient:
         """Shard -> positions in ``keys`` of the keys it serves (each position in exactly one)."""
         k = _int64_keys(keys)
         owner = self.placement.owner(table, k)
-        order = np.argsort(owner, kind="stable")
-        bounds = np.searchsorted(owner[order], np.arange(self.placement.n_shards + 1))
-        return {
-            s: order[bounds[s] : bounds[s + 1]]
-            for s in range(self.placement.n_shards)
-            if bounds[s + 1] > bounds[s]
-        }
+        shards = np.unique(self.placement.owner_of_partitions(table)).tolist()
+        if len(shards) == 1:  # a table on one shard (table-wise placement)
+            return {shards[0]: np.arange(k.shape[0])} if k.size else {}
+        out = {}
+        for s in shards:  # one pass per shard beats a sort for the few shards a table is on
+            idx = np.flatnonzero(owner == s)
+            if idx.size:
+                out[s] = idx
+        return out
 
     def lookup(
         self,
@@ -478,23 +480,24 @@ class ShardedClient:
             self.counters["requests"] += 1
             self.counters["keys"] += n_keys
             self.counters["shard_requests"] += len(per_shard)
-        if len(per_shard) == 1:
-            ((s, req),) = per_shard.items()
-            results = [(s, req, self._ask(s, req, consistency))]
-        else:
-            futs = [
-                (s, req, self._pool.submit(self._ask, s, req, consistency))
-                for s, req in per_shard.items()
-            ]
-            results = []
-            error: BaseException | None = None
-            for s, req, f in futs:  # wait for all: no request left running on a shared connection
-                try:
-                    results.append((s, req, f.result()))
-                except BaseException as e:  # noqa: BLE001 - re-raised below, first one wins
-                    error = error or e
-            if error is not None:
-                raise error
+        if not per_shard:  # no keys at all
+            return out
+        # every shard but the first on the pool, the first on this thread, then wait for all
+        (s0, req0), *rest = per_shard.items()
+        futs = [(s, req, self._pool.submit(self._ask, s, req, consistency)) for s, req in rest]
+        results = []
+        error: BaseException | None = None
+        try:
+            results.append((s0, req0, self._ask(s0, req0, consistency)))
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the others finished
+            error = e
+        for s, req, f in futs:  # no request left running on a connection when this returns
+            try:
+                results.append((s, req, f.result()))
+            except BaseException as e:  # noqa: BLE001 - re-raised below, first one wins
+                error = error or e
+        if error is not None:
+            raise error
         for _s, req, rows in results:
             for table, (idx, _k) in req.items():
                 out[table][idx] = rows[table]

@@ -328,19 +328,20 @@ def zipf_trace(
     rows: Mapping[str, int],
     alpha: float = 1.05,
     seed: int = 0,
+    id_seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """A synthetic trace: per table ``lookups[t]`` keys drawn Zipf(``alpha``) over ``rows[t]``
-    ids (rank r -> a scrambled id, so hot keys land in arbitrary partitions)."""
+    ids ``0..rows-1``. Rank ``r`` maps to a scrambled id (fixed by ``id_seed``, so traces drawn
+    with other ``seed``s share their hot keys), so hot keys land in arbitrary partitions."""
     rng = np.random.default_rng(seed)
     out = {}
-    for t in config.tables:
+    for i, t in enumerate(config.tables):
         n = int(rows[t.name])
-        ranks = np.arange(1, n + 1, dtype=np.float64)
-        p = ranks**-alpha
+        p = np.arange(1, n + 1, dtype=np.float64) ** -alpha
         p /= p.sum()
-        r = rng.choice(n, size=int(lookups[t.name]), p=p)
-        ids = rng.permutation(n).astype(np.int64)  # rank -> id
-        out[t.name] = ids[r]
+        ranks = rng.choice(n, size=int(lookups[t.name]), p=p)
+        ids = np.random.default_rng([id_seed, i]).permutation(n).astype(np.int64)
+        out[t.name] = ids[ranks]
     return out
 
 
