@@ -1,4 +1,6 @@
-"""Scale-out: three sparse shards and a main over the embedded broker, against one single server.
+"""Scale-out: three sparse shards and a main over the embedded broker, against one single server;
+the same as deployed (``streamhps plan``, ``serve --role sparse|main`` processes; slow); sparse
+workers on two GPUs (gpu marker).
 
 Two processor shards (``--shard 0/2``, ``1/2``) write two stores; every worker reads both (the
 placement's partitions ``p % 3`` cut across the processors' ``p % 2``). The placement is the
@@ -7,6 +9,11 @@ checked-in ``scaleout_placement.json`` (row-wise, 3 shards), which ``streamhps p
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,6 +45,7 @@ from streamhps.worker import InferenceWorker
 pytestmark = pytest.mark.integration
 
 PLACEMENT = Path(__file__).with_name("scaleout_placement.json")
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = """\
 topic_prefix = "{prefix}"
 [kafka]
@@ -330,3 +338,175 @@ def test_a_killed_shard_makes_the_main_not_ready_and_bounded_reads_refuse(so: Sc
         main.lookup("user", on_1, consistency="bounded"),
         InferenceClient(so.single.url).lookup("user", on_1),
     )
+
+
+# ---------------------------------------------------------------------- as deployed
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def deployed(bootstrap: str, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("scaleout-proc")
+    cfg_path = tmp / "streamhps.toml"
+    cfg_path.write_text(CONFIG.format(prefix=f"sp{uuid.uuid4().hex[:10]}", bootstrap=bootstrap))
+    cfg = Config.load(cfg_path)
+    rng = np.random.default_rng(3)
+    rows = {
+        "user": rng.standard_normal((USERS.size, 8)).astype(np.float32),
+        "item": rng.standard_normal((ITEMS.size, 8)).astype(np.float32),
+    }
+    with Publisher.from_config(cfg) as pub:
+        pub.create_topics()
+        pub.publish("user", USERS, rows["user"], version=1)
+        pub.publish("item", ITEMS, rows["item"], version=1)
+        pub.commit(1)
+        pub.publish_dense(dense_state(), version=1)
+        pub.flush()
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    stores = tmp / "stores"
+    procs = [
+        start_processor(
+            cfg_path, stores / str(i), shard=f"{i}/2", log_path=tmp / f"p{i}.log", env=env
+        )
+        for i in range(2)
+    ]
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, proc in enumerate(procs):
+            for table in rows:
+                wait_for_applied_version(stores / str(i), table, 1, timeout=60, proc=proc)
+        placement = tmp / "placement.json"
+        # the plan command, as an operator runs it: table-wise over 2 shards
+        subprocess.run(
+            [sys.executable, "-m", "streamhps", "plan", "--config", str(cfg_path), "--shards", "2",
+             "--strategy", "table", "--rows", "user=600", "--rows", "item=300", "--out", str(placement)],
+            check=True, env=env, capture_output=True,
+        )  # fmt: skip
+
+        def serve(name: str, *args: str) -> str:
+            port = _port()
+            log = open(tmp / f"{name}.log", "ab")  # noqa: SIM115 - the child holds it
+            servers.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "streamhps",
+                        "serve",
+                        "--config",
+                        str(cfg_path),
+                        "--port",
+                        str(port),
+                        *args,
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )  # fmt: skip
+            )
+            log.close()
+            return f"http://127.0.0.1:{port}"
+
+        urls = [
+            serve(f"sparse{i}", "--role", "sparse", "--placement", str(placement), "--shard",
+                  str(i), "--store", str(stores / "0"), "--store", str(stores / "1"))
+            for i in range(2)
+        ]  # fmt: skip
+        main = serve(
+            "main", "--role", "main", "--placement", str(placement), "--shards", ",".join(urls)
+        )
+        InferenceClient(main).wait_ready(90)
+        yield Placement.load(placement), urls, main, rows
+    finally:
+        for s in servers:
+            s.send_signal(signal.SIGTERM)
+        for s in servers:
+            try:
+                assert s.wait(20) == 0, "serve did not stop cleanly on SIGTERM"
+            except subprocess.TimeoutExpired:
+                s.kill()
+                s.wait()
+        for proc in procs:
+            stop_processor(proc)
+
+
+@pytest.mark.slow
+def test_plan_sparse_and_main_processes_serve_exactly(deployed) -> None:  # type: ignore[no-untyped-def]
+    placement, urls, main, rows = deployed
+    assert placement.strategy == "table" and placement.n_shards == 2
+    c = InferenceClient(main)
+    got = c.lookup_many({"user": USERS, "item": ITEMS})
+    np.testing.assert_array_equal(got["user"], rows["user"])
+    np.testing.assert_array_equal(got["item"], rows["item"])
+    # table-wise: each table lives on one shard; the other refuses it, naming the owner
+    owner = int(placement.owner_of_partitions("user")[0])
+    with pytest.raises(NotOwnedError, match=f"shard\\(s\\) \\[{owner}\\] serve it"):
+        InferenceClient(urls[1 - owner]).lookup("user", USERS[:3])
+    with ShardedClient(placement, urls) as sc:
+        np.testing.assert_array_equal(sc.lookup("item", ITEMS[::-1]), rows["item"][::-1])
+    deadline = time.monotonic() + 30
+    while (c.status().get("dense_model") or {}).get("version") is None:
+        assert time.monotonic() < deadline, "the main never got the dense model"
+        time.sleep(0.1)
+    x = np.random.default_rng(0).standard_normal((64, 2)).astype(np.float32)
+    feats = {"user": USERS[:64], "item": ITEMS[:64]}
+    want = DenseModel(dense_state(), ["user", "item"], 1).predict(
+        [rows["user"][:64], rows["item"][:64]], x
+    )
+    np.testing.assert_allclose(c.predict(feats, x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_sparse_workers_on_two_gpus(bootstrap: str, tmp_path: Path) -> None:
+    """Two sparse shards on cuda:0 and cuda:1 (both on cuda:0 with one GPU) and a main."""
+    import cupy
+
+    from servers.app import InferenceServer
+    from streamhps.placement import plan
+    from streamhps.routing import ShardRouter
+    from streamhps.worker import InferenceWorker
+
+    gpus = cupy.cuda.runtime.getDeviceCount()
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(CONFIG.format(prefix=f"g{uuid.uuid4().hex[:10]}", bootstrap=bootstrap))
+    cfg = Config.load(cfg_path)
+    vec = np.random.default_rng(5).standard_normal((USERS.size, 8)).astype(np.float32)
+    with Publisher.from_config(cfg) as pub:
+        pub.create_topics()
+        pub.publish("user", USERS, vec, version=1)
+        pub.publish("item", ITEMS, np.ones((ITEMS.size, 8), np.float32), version=1)
+        pub.commit(1)
+    proc = start_processor(cfg_path, tmp_path / "store", log_path=tmp_path / "p.log")
+    workers, servers = [], []
+    try:
+        wait_for_applied_version(tmp_path / "store", "user", 1, timeout=60, proc=proc)
+        p = plan(cfg, 2, strategy="row")
+        for i in range(2):
+            w = InferenceWorker(
+                cfg, tmp_path / "store", f"cuda:{i % gpus}", placement=p, shard=i,
+                follow_dense=False,
+            ).start()  # fmt: skip
+            workers.append(w)
+            servers.append(InferenceServer(w, cfg, port=0, role="sparse").start())
+        for i, w in enumerate(workers):
+            w.wait_ready(120)
+            for st in w._tables.values():  # the caches live on the worker's GPU
+                assert st.cache._vals.device.id == i % gpus
+        with ShardRouter(cfg, p, [s.url for s in servers], follow_dense=False) as router:
+            router.wait_ready(60)
+            np.testing.assert_array_equal(router.lookup("user", USERS), vec)
+            np.testing.assert_array_equal(
+                router.lookup_many({"item": ITEMS}, consistency="bounded", timeout=30)["item"],
+                np.ones((ITEMS.size, 8), np.float32),
+            )
+    finally:
+        for s in servers:
+            s.stop()
+        for w in workers:
+            w.stop()
+        stop_processor(proc)
