@@ -3,8 +3,8 @@
 1. **Ingest ceiling** (``ingest``). ``--rows`` rows (dim ``--dim`` fp32, ``--partitions``
    partitions) at version 1, then one *sentinel* row per partition at version 2 (the last row
    of every partition), then the commit markers. Both sides use the same consumer settings
-   (``CONSUMER_DEFAULTS``), the same ``consume(num_messages, timeout)`` call as the worker's
-   ingest loop, and the same start: ``assign`` from the beginning, clock started at the
+   (``CONSUMER_DEFAULTS``), the same consume call as the worker's ingest loop
+   (``consume_batch``), and the same start: ``assign`` from the beginning, clock started at the
    ``assign``. The raw consumer (a ``confluent_kafka.Consumer`` doing nothing with the bytes)
    stops when it has received every message. The worker (built and its cache allocated before
    the clock starts) stops when a probe polling ``lookup`` every millisecond sees every
@@ -60,7 +60,7 @@ from streamhps import Config, Publisher, wire
 from streamhps.broker import EmbeddedBroker
 from streamhps.partitioning import partition_of
 from streamhps.store import LmdbStore
-from streamhps.worker import InferenceWorker
+from streamhps.worker import InferenceWorker, ingest
 from streamhps.worker.core import CONSUMER_DEFAULTS
 from streamhps.worker.ingest import BATCH_MESSAGES, POLL_TIMEOUT_S
 
@@ -121,7 +121,7 @@ def raw_consume(bootstrap: str, topic: str, partitions: int, messages: int) -> f
     c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(partitions)])
     n = 0
     while n < messages:
-        for m in c.consume(num_messages=BATCH_MESSAGES, timeout=POLL_TIMEOUT_S):
+        for m in ingest.consume_batch(c, BATCH_MESSAGES, POLL_TIMEOUT_S):
             if m.error() is None:
                 n += 1
     dt = time.perf_counter() - t0
@@ -255,7 +255,7 @@ def raw_latency_run(cfg: Config, rate: float, seconds: float, keyspace: int) -> 
     proc, latest, report = _start_publisher(cfg, rate, seconds, cfg.tables[0].dim, keyspace)
     lat: list[float] = []
     while proc.is_alive():
-        for m in c.consume(num_messages=BATCH_MESSAGES, timeout=POLL_TIMEOUT_S):
+        for m in ingest.consume_batch(c, BATCH_MESSAGES, POLL_TIMEOUT_S):
             if m.error() is None:
                 now = time.time()
                 msg = wire.decode(m.value())
@@ -299,6 +299,9 @@ def worker_latency_run(
     w = InferenceWorker(cfg, empty_store(cfg), device=device).start()
     try:
         w.wait_ready(60)
+        t0 = time.perf_counter()  # the first miss of the process may compile device code
+        w.lookup("emb", np.array([keyspace + 1]))
+        first_miss_ms = (time.perf_counter() - t0) * 1e3
         deadline = time.monotonic() + 60
         while w.stats()["ingest"]["rows"] < LOOKUP_KEYS and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -353,6 +356,7 @@ def worker_latency_run(
         "lookup_ingest_p50_ms": _pct(busy, 50),
         "lookup_samples": [int(idle.size), int(busy.size)],
         "rejected": stats.get("rejected", {}).get("count", 0),
+        "first_miss_lookup_ms": first_miss_ms,
         "profile": prof,
     }
 
@@ -542,9 +546,23 @@ def main() -> None:
         "--bootstrap", default=None, help="an existing broker (default: start the embedded one)"
     )
     ap.add_argument("--label", default=None, help="machine name for the plot title")
+    # ablations: put one fix of issue 9 back as it was, to measure what it buys
+    ap.add_argument("--sync-writes", action="store_true", help="cuda: synchronous upserts")
+    ap.add_argument("--single-consume", action="store_true", help="one consume(n, timeout) call")
+    ap.add_argument("--fetch-wait-ms", type=int, default=None, help="fetch.wait.max.ms, both sides")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "staleness.json"))
     args = ap.parse_args()
 
+    if args.sync_writes:
+        from streamhps.cache.base import EmbeddingCache
+        from streamhps.cache.cuda_backend import CudaCache
+
+        CudaCache.upsert_async = EmbeddingCache.upsert_async  # type: ignore[method-assign]
+        CudaCache.write_piece_rows = 1 << 30
+    if args.single_consume:
+        ingest.consume_batch = lambda c, n, t: c.consume(num_messages=n, timeout=t)
+    if args.fetch_wait_ms is not None:
+        CONSUMER_DEFAULTS["fetch.wait.max.ms"] = args.fetch_wait_ms
     broker = None
     bootstrap = args.bootstrap
     if bootstrap is None:

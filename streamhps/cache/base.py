@@ -180,6 +180,21 @@ class EmbeddingCache(abc.ABC):
             self._clock += 1
             return self._count(self._upsert(k, v, ver, self._clock, insert=False), len(k))
 
+    def upsert_async(self, keys: Any, values: Any, versions: Any, *, insert: bool = True) -> None:
+        """``upsert`` (``update_if_present`` with ``insert=False``) without a count, for a writer
+        that streams rows in (the worker's ingest thread). A backend may return before the rows
+        are written (cuda: staged, overlapping the next batch's copy with this one's kernels);
+        every operation issued on this cache after the return sees them. Here: in pieces of
+        ``write_piece_rows``, so the lock is free for lookups between pieces."""
+        n = int(np.shape(keys)[0])
+        step = self.write_piece_rows
+        write = self.upsert if insert else self.update_if_present
+        for lo in range(0, n, step) if n > step else [0]:
+            write(keys[lo : lo + step], values[lo : lo + step], versions[lo : lo + step])
+
+    #: rows per lock hold in :meth:`upsert_async` (a lookup waits at most for one piece)
+    write_piece_rows = 8192
+
     def evict(self, keys: Any) -> int:
         """Remove ``keys``; returns how many distinct keys were present."""
         with self._lock:

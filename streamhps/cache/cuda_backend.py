@@ -17,12 +17,22 @@ stream to enqueue on instead of a private one: the caches of one worker share on
 request's lookups of every table are ordered with each other and with every upsert without
 cross-stream events (:meth:`lookup_into`, the worker's request path). Pooled (multi-hot)
 lookups run the fused kernel of ``serving.cu``.
+
+Stream writes (:meth:`upsert_async`, the worker's ingest path): rows are copied into one of two
+reused pinned host buffers, sent by one ``cudaMemcpyAsync`` on a copy stream of their own, and
+applied by the same two kernels on the cache's stream once the copy's event fires; the call
+returns as soon as that is enqueued (no host synchronisation), so the copy of the next batch
+overlaps the kernels of this one, and the host decodes the next messages meanwhile. The cache's
+lock is held only while enqueuing. Counters of these writes reach ``stats()``/``len()`` at their
+next call (which synchronises).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -37,6 +47,9 @@ log = logging.getLogger(__name__)
 
 _VEC_TYPES = {16: "uint4", 8: "uint2", 4: "unsigned int", 2: "unsigned short"}
 _BLOCK = 256
+#: Rows per staged write; a larger call is sent in pieces of this size. Two buffers of this
+#: many rows are pinned per cache (2 x 64k x 272 bytes = 36 MB at dim 64 fp32).
+STAGE_ROWS = 1 << 16
 
 
 def _import_cupy() -> Any:
@@ -119,6 +132,7 @@ class CudaCache(EmbeddingCache):
             self._locks = cp.zeros(nb, dtype=cp.int32)
             self._counters = cp.zeros(8, dtype=cp.uint64)
         self.stream.synchronize()
+        self._stage_setup(cp)
         self._warm_up()
         log.info(
             "cuda cache: %d slots x dim %d %s, %d bytes", slots, dim, self.dtype, self.memory_bytes
@@ -136,11 +150,16 @@ class CudaCache(EmbeddingCache):
         vers = np.array([1, 1], dtype=np.int64)
         self.upsert(keys, vals, vers)
         self.update_if_present(keys, vals, vers + 1)
+        self.upsert_async(keys, vals, vers + 2)
+        self.upsert_async(keys, vals, vers + 3, insert=False)
         self.lookup(keys)
         self.get_versions(keys)
         self.evict(keys[:1])
         self.clear()
         with self._lock, self._on_stream():
+            self._fold_pending()
+            for k in self.apply_profile:
+                self.apply_profile[k] = 0.0
             self._counters.fill(0)
             self._looked_up = 0
             self._counts = dict.fromkeys(self._counts, 0)
@@ -196,11 +215,18 @@ class CudaCache(EmbeddingCache):
 
     def clear(self) -> None:
         with self._lock, self._on_stream():
+            self._fold_pending()
             super().clear()
 
     def stats(self) -> dict[str, Any]:
         with self._lock, self._on_stream():
+            self._fold_pending()
             return super().stats()
+
+    def __len__(self) -> int:
+        with self._lock, self._on_stream():
+            self._fold_pending()
+            return self._size
 
     def lookup_pooled(self, keys: Any, offsets: Any, mode: str = "sum") -> tuple[Any, Any]:
         with self._lock, self._on_stream():
@@ -398,3 +424,148 @@ class CudaCache(EmbeddingCache):
 
     def _hits_total(self) -> int:
         return int(self._counters[0].get())
+
+    # ------------------------------------------------------------------ staged stream writes
+    def _stage_setup(self, cp: Any) -> None:
+        self._stage_lock = threading.Lock()  # one writer of the staging buffers at a time
+        self._copy_stream = cp.cuda.Stream(non_blocking=True)
+        self._stage: list[dict[str, Any] | None] = [None, None]
+        self._stage_next = 0
+        # device counters of staged writes not yet folded into the host's counts, per kind
+        self._pending = {True: cp.zeros(8, dtype=cp.uint64), False: cp.zeros(8, dtype=cp.uint64)}
+        self._pending_rows = {True: 0, False: 0}
+        # host seconds: waiting for a buffer's previous use, copying rows into pinned memory,
+        # enqueueing under the cache lock; GPU seconds (CUDA events): host -> device copy, kernels
+        self.apply_profile = dict.fromkeys(
+            ("stage_wait", "stage_copy", "lock_enqueue", "h2d_gpu", "kernels_gpu"), 0.0
+        )
+
+    def upsert_async(self, keys: Any, values: Any, versions: Any, *, insert: bool = True) -> None:
+        """``upsert`` (``update_if_present`` with ``insert=False``) of host (numpy) rows through
+        the pinned staging buffers, returning once enqueued; device arrays take the synchronous
+        path. Any operation on this cache issued after the return sees the rows."""
+        if hasattr(keys, "__cuda_array_interface__") or hasattr(values, "__cuda_array_interface__"):
+            (self.upsert if insert else self.update_if_present)(keys, values, versions)
+            return
+        k = np.ascontiguousarray(keys)
+        v = np.asarray(values)
+        ver = np.asarray(versions)
+        n = k.shape[0]
+        if k.ndim != 1 or k.dtype.kind not in "iu" or k.dtype.itemsize != 8:
+            k = self._check_keys_host(k)
+        if v.ndim != 2 or v.shape != (n, self.dim) or v.dtype.kind != "f":
+            raise CacheError(
+                f"values must have shape ({n}, {self.dim}) of floats for {n} keys, got "
+                f"{tuple(v.shape)} {v.dtype}"
+            )
+        if ver.ndim != 1 or ver.shape[0] != n or ver.dtype.kind not in "iu":
+            raise CacheError(f"versions must be ({n},) integers to match keys, got {ver.shape}")
+        if n and bool((ver <= 0).any()):
+            raise CacheError("versions must be > 0; this call was refused and changed nothing")
+        for lo in range(0, n, STAGE_ROWS):
+            hi = min(n, lo + STAGE_ROWS)
+            self._stage_write(k[lo:hi], v[lo:hi], ver[lo:hi], insert)
+
+    def _check_keys_host(self, k: np.ndarray) -> np.ndarray:
+        if k.ndim != 1 or k.dtype.kind not in "iu":
+            raise CacheError(f"keys must be a 1-D array of int64, got {k.shape} {k.dtype}")
+        return k.astype(np.int64)
+
+    def _stage_buffer(self, n: int) -> dict[str, Any]:
+        """The next of the two staging buffers, at least ``n`` rows, once its last use is done."""
+        cp = self._cp
+        i = self._stage_next
+        self._stage_next ^= 1
+        buf = self._stage[i]
+        t0 = time.perf_counter()
+        if buf is not None:
+            buf["done"].synchronize()  # its copy read the pinned rows, its kernels the device ones
+            prof = self.apply_profile
+            prof["h2d_gpu"] += cp.cuda.get_elapsed_time(buf["t0"], buf["copied"]) / 1e3
+            prof["kernels_gpu"] += cp.cuda.get_elapsed_time(buf["k0"], buf["done"]) / 1e3
+        self.apply_profile["stage_wait"] += time.perf_counter() - t0
+        if buf is None or buf["rows"] < n:
+            rows = max(n, 4096, 2 * (buf["rows"] if buf else 0))
+            rows = min(max(rows, n), max(n, STAGE_ROWS))
+            nbytes = rows * (16 + self.dim * self.dtype.itemsize)
+            buf = {
+                "rows": rows,
+                "host": cp.cuda.alloc_pinned_memory(nbytes),
+                "dev": cp.empty(nbytes + rows, dtype=cp.uint8),  # + absent flags
+                **{e: cp.cuda.Event() for e in ("t0", "copied", "k0", "done")},
+            }
+            self._stage[i] = buf
+        return buf
+
+    def _stage_write(self, k: np.ndarray, v: np.ndarray, ver: np.ndarray, insert: bool) -> None:
+        cp = self._cp
+        n = int(k.shape[0])
+        if n == 0:
+            return
+        rb = self.dim * self.dtype.itemsize
+        with self._stage_lock, self.device:
+            buf = self._stage_buffer(n)
+            t0 = time.perf_counter()
+            # keys | versions | rows, packed for n: one copy; rows start 16-byte aligned
+            host = np.frombuffer(buf["host"], dtype=np.uint8, count=n * (16 + rb))
+            host[: 8 * n].view(np.int64)[:] = k
+            host[8 * n : 16 * n].view(np.int64)[:] = ver
+            host[16 * n :].view(self.dtype).reshape(n, self.dim)[:] = v
+            t1 = time.perf_counter()
+            dev = buf["dev"]
+            buf["t0"].record(self._copy_stream)
+            cp.cuda.runtime.memcpyAsync(
+                dev.data.ptr, host.ctypes.data, n * (16 + rb),
+                cp.cuda.runtime.memcpyHostToDevice, self._copy_stream.ptr,
+            )  # fmt: skip
+            buf["copied"].record(self._copy_stream)
+            dk = dev[: 8 * n].view(cp.int64)
+            dver = dev[8 * n : 16 * n].view(cp.int64)
+            dv = dev[16 * n : n * (16 + rb)].view(self.dtype).reshape(n, self.dim)
+            absent = dev[n * (16 + rb) : n * (17 + rb)]
+            with self._lock, self._on_stream():
+                self.stream.wait_event(buf["copied"])
+                buf["k0"].record(self.stream)
+                self._clock += 1
+                self._launch_write(dk, dv, dver, absent, self._pending[insert], self._clock, insert)
+                buf["done"].record(self.stream)
+                self._pending_rows[insert] += n
+            prof = self.apply_profile
+            prof["stage_copy"] += t1 - t0
+            prof["lock_enqueue"] += time.perf_counter() - t1
+
+    def _launch_write(
+        self, keys: Any, values: Any, versions: Any, absent: Any, counters: Any, clock: int,
+        insert: bool,
+    ) -> None:  # fmt: skip
+        """Both upsert kernels, no host synchronisation (the insert pass skips present keys)."""
+        n = int(keys.shape[0])
+        common = (np.uint64(self.n_buckets), np.int32(self._nvec), _signed32(clock))
+        grid = self._grid(n, 32)
+        self._k["cache_apply"](
+            grid,
+            (_BLOCK,),
+            (keys, np.int64(n), values, versions, *self._table_args(), *common, absent, counters),
+        )
+        if insert:
+            score = clock if self.policy == "lru" else (1 << 32) | (clock & 0xFFFFFFFF)
+            self._k["cache_insert"](
+                grid,
+                (_BLOCK,),
+                (keys, np.int64(n), values, versions, *self._table_args(), *common,
+                 np.uint64(score), absent, counters),
+            )  # fmt: skip
+
+    def _fold_pending(self) -> None:
+        """Add the counters of staged writes to the host's counts (synchronises; lock held)."""
+        for insert, rows in self._pending_rows.items():
+            if not rows:
+                continue
+            c = self._pending[insert].get().astype(np.int64)
+            self._pending[insert].fill(0)
+            self._pending_rows[insert] = 0
+            self._count(
+                {"inserted_empty": int(c[1]), "evictions": int(c[2]), "updates": int(c[3]),
+                 "dropped": int(c[4]), "absent": 0 if insert else int(c[5])},
+                rows,
+            )  # fmt: skip

@@ -86,8 +86,9 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",  # a stored offset beyond the log (history lost): reread all
     # How long the broker may hold a fetch with no new data. The embedded Tansu broker seems to
     # hold it for the whole wait even when data arrives, so this adds up to its value to
-    # publish -> visible latency; lower costs more idle fetch requests (CPU on small machines).
-    "fetch.wait.max.ms": 50,
+    # publish -> visible latency (measured, 2 cores, 20k rows/s: raw consume p50 24 ms at 50,
+    # 13 ms at 10); lower costs more idle fetch requests (~100/s per broker at 10).
+    "fetch.wait.max.ms": 10,
     "fetch.max.bytes": 64 << 20,
     "max.partition.fetch.bytes": 8 << 20,
     "queued.max.messages.kbytes": 256 << 10,

@@ -32,10 +32,10 @@ from streamhps.worker.window import RecentRows, latest_per_key
 log = logging.getLogger(__name__)
 
 _LATENCY_SAMPLES = 1 << 16
-#: One ``consume(num_messages, timeout)`` call per round: up to this many messages, waiting at
-#: most this long when none are there. A batch is applied as one unit (rows of all its messages
-#: of a table in one window insert and one cache upsert), so a worker that falls behind catches
-#: up in larger, cheaper applies; the short timeout keeps a quiet stream's rows from waiting.
+#: One round (:func:`consume_batch`) takes up to this many messages, waiting at most this long
+#: when none are there. A batch is applied as one unit (rows of all its messages of a table in
+#: one window insert and one cache write), so a worker that falls behind catches up in larger,
+#: cheaper applies.
 BATCH_MESSAGES = 1024
 POLL_TIMEOUT_S = 0.005
 #: Stages of the ingest thread's time (:meth:`Ingestor.profile`). ``poll_idle``: consume calls
@@ -86,6 +86,23 @@ class IngestCounters:
     fills_dropped: int = 0
     dense_updates: int = 0
     started_at: float = field(default_factory=time.monotonic)
+
+
+def consume_batch(consumer: Any, max_messages: int, timeout: float) -> list[Any]:
+    """Up to ``max_messages`` messages, without waiting for more once some are there.
+
+    ``consume(n, timeout)`` returns only when it has ``n`` messages or the timeout passed, so a
+    single call adds up to ``timeout`` to every message of a batch smaller than ``n``. Instead:
+    take what the consumer already fetched; if nothing, wait up to ``timeout`` for the first
+    message, then take what arrived with it.
+    """
+    msgs: list[Any] = consumer.consume(num_messages=max_messages, timeout=0)
+    if msgs:
+        return msgs
+    msgs = consumer.consume(num_messages=1, timeout=timeout)
+    if msgs and max_messages > 1:
+        msgs += consumer.consume(num_messages=max_messages - 1, timeout=0)
+    return msgs
 
 
 def row_quantiles(seconds: np.ndarray, rows: np.ndarray, qs: tuple[float, ...]) -> list[float]:
@@ -192,9 +209,7 @@ class Ingestor:
         prof = self.profile.seconds
         t0 = time.perf_counter()
         try:
-            msgs = self.consumer.consume(
-                num_messages=self.batch_messages, timeout=self.poll_timeout_s
-            )
+            msgs = consume_batch(self.consumer, self.batch_messages, self.poll_timeout_s)
         except KafkaException as e:
             self._kafka_error(e.args[0] if e.args else e)
             msgs = []
@@ -314,10 +329,9 @@ class Ingestor:
         # here, and a fill applied later on this thread is checked against it.
         st.window.add(keys, versions, vectors, partitions, offsets)
         t2 = time.perf_counter()
-        if st.spec.insert_on_update:
-            st.cache.upsert(keys, vectors, versions)
-        else:
-            st.cache.update_if_present(keys, vectors, versions)
+        # No count back: the cuda cache enqueues without waiting for the device (later lookups
+        # are ordered after it on its stream); the numpy cache writes in lock-sized pieces.
+        st.cache.upsert_async(keys, vectors, versions, insert=st.spec.insert_on_update)
         t3 = time.perf_counter()
         prof["dedup_sort"] += t1 - t0
         prof["window"] += t2 - t1

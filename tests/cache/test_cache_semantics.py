@@ -170,3 +170,49 @@ def test_values_from_the_other_float_width_are_converted(new_cache):
     cache.upsert(i64(1), np.full((1, 4), 0.5, np.float64), i64(1))
     out, _ = cache.lookup(i64(1))
     assert host(out).dtype == np.float16 and (host(out) == 0.5).all()
+
+
+@pytest.mark.parametrize("insert", [True, False])
+@pytest.mark.parametrize("dim", [64, 5])
+def test_upsert_async_leaves_the_state_upsert_leaves(new_cache, insert, dim):
+    """The stream-write path (staged on cuda, in pieces on numpy) equals upsert/update_if_present:
+    same rows and versions with duplicate keys and stale rows inside one call and calls of
+    several lock pieces; same counters while a call's keys are unique (the worker's case: a
+    duplicate split over two pieces counts as two writes). Keys stay well below a bucket per
+    call: which of more keys than a bucket holds wins inside one GPU launch is not fixed."""
+    rng = np.random.default_rng(dim + insert)
+    a, b = new_cache(capacity=4096, dim=dim), new_cache(capacity=4096, dim=dim)
+    b.write_piece_rows = 7  # several pieces per call on the numpy backend
+    version = 2
+    probe = np.arange(600, dtype=np.int64)
+    for unique in (True, False):
+        for n in (40, 300, 1, 0, 500):
+            keys = rng.permutation(600)[:n] if unique else rng.integers(0, 600, n)
+            keys = keys.astype(np.int64)
+            vers = version + rng.permutation(n).astype(np.int64)  # no equal-version duplicates
+            vals = rng.standard_normal((n, dim)).astype(np.float32)
+            version += n + 1
+            if not insert:  # something to update
+                a.upsert(keys[: n // 2], vals[: n // 2], vers[: n // 2] - 1)
+                b.upsert(keys[: n // 2], vals[: n // 2], vers[: n // 2] - 1)
+            (a.upsert if insert else a.update_if_present)(keys, vals, vers)
+            b.upsert_async(keys, vals, vers, insert=insert)
+            va, ha = a.get_versions(probe)
+            vb, hb = b.get_versions(probe)
+            np.testing.assert_array_equal(host(ha), host(hb))
+            np.testing.assert_array_equal(host(va), host(vb))
+            np.testing.assert_array_equal(host(a.lookup(probe)[0]), host(b.lookup(probe)[0]))
+            assert len(a) == len(b)
+        if unique:
+            sa, sb = a.stats(), b.stats()
+            for k in ("size", "inserts", "updates", "evictions", "stale_rejected", "dropped"):
+                assert sa[k] == sb[k], k
+
+
+def test_upsert_async_refuses_bad_input_and_changes_nothing(new_cache):
+    c = new_cache(dim=4)
+    with pytest.raises(CacheError):
+        c.upsert_async(i64(1), np.zeros((1, 4), np.float32), i64(0))
+    with pytest.raises(CacheError):
+        c.upsert_async(i64(1, 2), np.zeros((2, 3), np.float32), i64(1, 1))
+    assert len(c) == 0
