@@ -173,7 +173,7 @@ class DeviceRequests:
                 # 4. misses: positions back to the host, resolve all tables, one H2D of rows
                 miss_pos = cp.flatnonzero(~hit)
                 pos_h = miss_pos.get(stream=s)
-                bounds = np.concatenate(([0], np.cumsum(counts)))
+                bounds = np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))  # not float64
                 missed: dict[str, np.ndarray] = {}
                 local: dict[str, tuple[np.ndarray, Any]] = {}
                 for i, name in enumerate(names):
