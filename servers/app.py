@@ -15,6 +15,14 @@ Read-only by construction: no route writes a row (DESIGN.md invariant 8). Routes
                        ?tables=A,B&counts=nA,nB[&consistency=] -> the rows of each table, one
                        after the other, header X-Streamhps-Layout: A:<f4:nA:dim,B:...
     POST /v1/predict   JSON {"features": {table: [ids]}, "dense": [[...]]?} -> {"scores": [...]}
+                       or binary: ?tables=A,B&rows=N[&consistency=], body = each table's N
+                       little-endian int64 ids in that order, then [N, num_dense] little-endian
+                       float32 -> N float32 scores, header X-Streamhps-Dense-Version
+
+Predict runs on the worker's device: every table's rows in one ``lookup_many`` (torch tensors
+on a cuda worker), then the trainer's own torch module (:class:`servers.model.ServedModel`);
+concurrent predicts are merged into one device batch (:mod:`servers.batching`;
+``max_batch_rows=0`` turns that off).
 
 Errors are JSON ``{"error": {"type": <streamhps exception name>, "message": ...}}`` with a 4xx
 status for a bad request (400 malformed, 404 unknown table or key, 413 too many keys,
@@ -44,7 +52,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from servers.model import DenseModel
+from servers.batching import DynamicBatcher
+from servers.model import ServedModel
 from servers.status_page import PAGE
 from streamhps.client import encode_layout
 from streamhps.config import Config
@@ -148,6 +157,10 @@ class InferenceServer:
         history_seconds: int = 900,
         sample_interval: float = 1.0,
         role: str = "single",
+        max_batch_rows: int = 8192,
+        max_queue_delay_ms: float = 1.0,
+        batch_workers: int = 1,
+        model_device: str | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -156,7 +169,19 @@ class InferenceServer:
         self.config = config
         self.tables = {t.name: t for t in config.tables}
         self.max_keys = int(config.serving.max_lookup_keys)
-        self._model: DenseModel | None = None
+        self._model: ServedModel | None = None
+        # the dense model lives where the worker's rows do ("cpu" or "cuda:N")
+        self.model_device = model_device or str(getattr(worker, "torch_device", "cpu"))
+        self.batcher = (
+            DynamicBatcher(
+                self._predict_batch,
+                max_batch_rows=min(int(max_batch_rows), self.max_keys),
+                max_queue_delay_s=max_queue_delay_ms / 1e3,
+                workers=batch_workers,
+            )
+            if max_batch_rows > 0 and role != "sparse"
+            else None
+        )
         self._model_error: str | None = None
         self._swap_lock = threading.Lock()
         self.latency = {t: Histogram(LATENCY_BUCKETS) for t in self.tables}
@@ -212,6 +237,8 @@ class InferenceServer:
         self._stop.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+        if self.batcher is not None:
+            self.batcher.close()
         for t in self._threads:
             t.join(5)
 
@@ -225,7 +252,7 @@ class InferenceServer:
 
     def _on_dense(self, version: int, state: dict[str, np.ndarray]) -> None:
         try:
-            model = DenseModel(state, list(self.tables), version)
+            model = ServedModel(state, list(self.tables), version, self.model_device)
         except ValidationError as e:
             self._model_error = str(e)
             log.error("dense update v%s refused: %s", version, e)
@@ -237,7 +264,7 @@ class InferenceServer:
         log.info("dense model v%d in service", model.version)
 
     @property
-    def model(self) -> DenseModel | None:
+    def model(self) -> ServedModel | None:
         return self._model
 
     # ------------------------------------------------------------------ handlers
@@ -378,17 +405,52 @@ class InferenceServer:
         vecs = self.lookup(table, keys, consistency)
         return np.ascontiguousarray(vecs), table
 
-    def handle_predict(self, body: Any) -> dict[str, Any]:
+    def predict(
+        self, ids: dict[str, np.ndarray], dense: np.ndarray, consistency: str, arrival: Any = None
+    ) -> tuple[np.ndarray, int]:
+        """Scores ``[n]`` (float32) and the dense version that computed them; through the
+        dynamic batcher when it is on."""
         t0 = time.perf_counter()
-        if not isinstance(body, dict) or "features" not in body:
-            raise HTTPError(
-                400, 'the body must be a JSON object {"features": {table: [ids]}, "dense": [[...]]}'
+        if self.batcher is not None:
+            scores, version = self.batcher.submit(ids, dense, consistency, arrival)
+        else:
+            scores, version = self._predict_batch(ids, dense, consistency)
+        self.predict_latency.observe(time.perf_counter() - t0)
+        self._count(predicts=1, predict_rows=int(dense.shape[0]))
+        return scores, version
+
+    def _predict_batch(
+        self, ids: dict[str, np.ndarray], dense: np.ndarray, consistency: str
+    ) -> tuple[np.ndarray, int]:
+        """One (possibly merged) batch: every table's rows in ONE ``lookup_many`` of whatever
+        serves them (the worker, or a main shard's router), then one forward pass of the model
+        version in service when the batch starts."""
+        model = self._model
+        if model is None:
+            why = self._model_error or "no dense model has arrived from the trainer yet"
+            raise HTTPError(503, f"cannot predict: {why}", "NotReady")
+        if not dense.shape[0]:
+            return np.empty(0, np.float32), model.version
+        with _lookup_errors():
+            rows = self.worker.lookup_many(
+                {t: ids[t] for t in model.tables}, consistency=consistency
             )
-        unknown = sorted(set(body) - {"features", "dense", "consistency"})
-        if unknown:
-            raise HTTPError(
-                400, f"unknown field(s) {unknown}; allowed: features, dense, consistency"
-            )
+        return model.predict(rows, dense), model.version
+
+    def handle_predict(self, body: Any) -> dict[str, Any]:
+        with self.batcher.arriving() if self.batcher else contextlib.nullcontext() as arrival:
+            ids, x, consistency = self._predict_json(body)
+            scores, version = self.predict(ids, x, consistency, arrival)
+        return {"scores": scores.tolist(), "dense_version": version}
+
+    def handle_predict_binary(
+        self, query: dict[str, list[str]], body: bytes
+    ) -> tuple[np.ndarray, int]:
+        with self.batcher.arriving() if self.batcher else contextlib.nullcontext() as arrival:
+            ids, x, consistency = self._predict_binary(query, body)
+            return self.predict(ids, x, consistency, arrival)
+
+    def _predict_model(self) -> ServedModel:
         if self.role == "sparse":
             raise HTTPError(
                 404,
@@ -400,6 +462,84 @@ class InferenceServer:
         if model is None:
             why = self._model_error or "no dense model has arrived from the trainer yet"
             raise HTTPError(503, f"cannot predict: {why}", "NotReady")
+        return model
+
+    def _predict_binary(
+        self, query: dict[str, list[str]], body: bytes
+    ) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+        model = self._predict_model()
+        names = [t for t in (query.get("tables") or [""])[0].split(",") if t]
+        try:
+            counts = [int(c) for c in (query.get("counts") or [""])[0].split(",")]
+        except ValueError:
+            raise HTTPError(
+                400, "binary predict needs ?tables=A,B&counts=nA,nB (ids per table)"
+            ) from None
+        for t in names:
+            self._table(t)
+        if len(set(names)) != len(names) or len(counts) != len(names):
+            raise HTTPError(
+                400,
+                f"give each table once with one count each; got tables {names}, counts {counts}",
+            )
+        missing = [t for t in model.tables if t not in names]
+        if missing:
+            raise HTTPError(
+                400,
+                f"'features' lacks ids for table(s) {missing}; the model uses {list(model.tables)}",
+            )
+        if len(set(counts)) != 1:
+            raise HTTPError(
+                400,
+                f"every table needs one id per example; got lengths {dict(zip(names, counts, strict=True))}",
+            )
+        n, d = counts[0], model.num_dense
+        if n < 0:
+            raise HTTPError(400, f"counts must be >= 0, got {counts}")
+        if n > self.max_keys:
+            raise HTTPError(413, f"{n} ids per table in one request; the limit is {self.max_keys}")
+        if len(body) < 8 * n * len(names):
+            raise HTTPError(
+                400,
+                f"binary predict body is {len(body)} bytes; {n} int64 ids of each of "
+                f"{len(names)} tables need {8 * n * len(names)} before the dense features",
+            )
+        floats, rest = divmod(len(body) - 8 * n * len(names), 4)
+        if floats != n * d or rest:
+            if floats == 0 and d and not rest:
+                raise HTTPError(400, f"'dense' is required: [n, {d}] float32 after the ids")
+            shape = (
+                f"[{floats // d}, {d}]"
+                if d and floats > 0 and not floats % d
+                else f"{floats} values"
+            )
+            raise HTTPError(
+                400,
+                f"'dense' has shape {shape} ({len(body)} body bytes); expected [{n}, {d}] float32 "
+                f"after {n} int64 ids of each of {len(names)} tables",
+            )
+        keys = np.frombuffer(body, dtype="<i8", count=n * len(names)).astype(np.int64, copy=False)
+        ids = {t: keys[i * n : (i + 1) * n] for i, t in enumerate(names) if t in model.tables}
+        x = np.frombuffer(body, dtype="<f4", offset=8 * n * len(names)).reshape(n, d)
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            raise HTTPError(400, "'dense' contains NaN or Inf")
+        consistency = self._consistency(
+            query["consistency"][0] if query.get("consistency") else None
+        )
+        return ids, x, consistency
+
+    def _predict_json(self, body: Any) -> tuple[dict[str, np.ndarray], np.ndarray, str]:
+        if not isinstance(body, dict) or "features" not in body:
+            raise HTTPError(
+                400, 'the body must be a JSON object {"features": {table: [ids]}, "dense": [[...]]}'
+            )
+        unknown = sorted(set(body) - {"features", "dense", "consistency"})
+        if unknown:
+            raise HTTPError(
+                400, f"unknown field(s) {unknown}; allowed: features, dense, consistency"
+            )
+        model = self._predict_model()
         feats = body["features"]
         if not isinstance(feats, dict):
             raise HTTPError(
@@ -438,13 +578,7 @@ class InferenceServer:
                 raise HTTPError(400, "'dense' contains NaN or Inf")
         else:
             x = np.zeros((n, 0), dtype=np.float32)
-        consistency = self._consistency(body.get("consistency"))
-        rows = self.lookup_many({t: ids[t] for t in model.tables}, consistency, count=False)
-        embs = [rows[t] for t in model.tables]
-        scores = model.predict(embs, x) if n else np.empty(0)
-        self.predict_latency.observe(time.perf_counter() - t0)
-        self._count(predicts=1, predict_rows=n)
-        return {"scores": scores.tolist(), "dense_version": model.version}
+        return ids, x, self._consistency(body.get("consistency"))
 
     # ------------------------------------------------------------------ status and metrics
 
@@ -819,7 +953,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, data, "application/octet-stream",
                        {"X-Streamhps-Layout": encode_layout(rows)})  # fmt: skip
         elif path == "/v1/predict":
-            self._json(200, app.handle_predict(self._json_body(body)), clean=True)
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+            if ctype == "application/octet-stream":
+                scores, version = app.handle_predict_binary(query, body)
+                self._send(200, scores.astype("<f4").tobytes(), "application/octet-stream",
+                           {"X-Streamhps-Dense-Version": str(version),
+                            "X-Streamhps-Shape": str(scores.shape[0])})  # fmt: skip
+            else:
+                self._json(200, app.handle_predict(self._json_body(body)), clean=True)
 
     def _json(
         self, status: int, obj: Any, headers: dict[str, str] | None = None, *, clean: bool = False

@@ -56,6 +56,23 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
+        "--max-batch-rows",
+        type=int,
+        default=8192,
+        help="dynamic batching: merge concurrent predicts into device batches of up to this many "
+        "rows (0: off, every predict runs alone)",
+    )
+    s.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=1.0,
+        help="dynamic batching: the longest a predict waits for others to join its batch (only "
+        "while more are arriving)",
+    )
+    s.add_argument(
+        "--batch-workers", type=int, default=1, help="dynamic batching: batches run at once"
+    )
+    s.add_argument(
         "--ready-timeout",
         type=float,
         default=0.0,
@@ -112,7 +129,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         if args.ready_timeout:
             worker.wait_ready(args.ready_timeout)
-        server = InferenceServer(worker, cfg, host=args.host, port=args.port, role=args.role)
+        server = InferenceServer(
+            worker, cfg, host=args.host, port=args.port, role=args.role,
+            max_batch_rows=args.max_batch_rows, max_queue_delay_ms=args.max_queue_delay_ms,
+            batch_workers=args.batch_workers,
+            # the main shard's model on --device; a worker's where its rows are
+            model_device=args.device if args.role == "main" else None,
+        )  # fmt: skip
         server.start()
         try:
             console.print(

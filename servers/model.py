@@ -1,8 +1,9 @@
-"""The dense part of the DLRM, evaluated with numpy on the serving side.
+"""The dense model in service: the published state dict in the trainer's own torch module.
 
-The trainer (:mod:`trainers.dlrm`) publishes its dense state dict; this module reads it with
-the same layout and the same arithmetic, so a served prediction equals the trainer's own
-forward pass on the same embeddings. Layout (torch ``nn.Sequential`` names)::
+:class:`ServedModel` loads a published dense state into :class:`streamhps.models.DLRMDense` (the
+class the trainer trains) on the worker's device; the server swaps whole instances, so a request
+sees one version. :class:`DenseModel` is the same DLRM head in numpy, kept only as the tests'
+oracle. Layout (torch ``nn.Sequential`` names)::
 
     bottom.<i>.weight/bias   dense features -> [d], ReLU after every layer
     top.<i>.weight/bias      [d + F*(F-1)/2] -> ... -> [1], ReLU between layers
@@ -15,17 +16,77 @@ config's table order) and the interaction is the pairwise dot product of those F
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import torch
 
 from streamhps.errors import ValidationError
+from streamhps.models import DLRMDense
 
 _LAYER_RE = re.compile(r"^(bottom|top)\.(\d+)\.(weight|bias)$")
 
 
+class ServedModel:
+    """One version of the dense model on ``device`` (``"cpu"`` or ``"cuda:N"``), immutable: build
+    one per dense update and swap the reference. :meth:`predict` takes the rows a worker's
+    ``lookup_many`` returned (numpy, or torch tensors already on the device) and host dense
+    features, and returns host probabilities."""
+
+    def __init__(
+        self,
+        state: Mapping[str, np.ndarray],
+        tables: Sequence[str],
+        version: int,
+        device: str = "cpu",
+    ) -> None:
+        self.version = int(version)
+        self.tables = tuple(tables)
+        self.device = torch.device(device)
+        self.module = DLRMDense.from_state(state, len(self.tables), self.device, self.version)
+        self.num_dense = self.module.num_dense
+        self.dim = self.module.dim
+        self._staging = threading.local()  # pinned dense-feature buffer per thread (cuda)
+
+    def _dense(self, dense: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.require(dense, np.float32, ["C_CONTIGUOUS", "WRITEABLE"]))
+        if self.device.type != "cuda":
+            return x
+        buf = getattr(self._staging, "buf", None)
+        if buf is None or buf.numel() < x.numel():
+            buf = torch.empty(max(x.numel(), 1 << 16), dtype=torch.float32).pin_memory()
+            self._staging.buf = buf
+        staged = buf[: x.numel()].view(x.shape)
+        staged.copy_(x)  # reused by this thread's next call: predict synchronises before it returns
+        return staged.to(self.device, non_blocking=True)
+
+    def predict(self, rows: Mapping[str, Any], dense: np.ndarray) -> np.ndarray:
+        """Click probabilities ``[n]`` (float32 numpy) for ``rows[table]`` ``[n, dim]`` of every
+        table of the model and ``dense`` ``[n, num_dense]``."""
+        embs = [
+            torch.from_numpy(r) if isinstance(r, np.ndarray) else r
+            for r in (rows[t] for t in self.tables)
+        ]
+        embs = [e.to(self.device) for e in embs]  # no copy when already there
+        with torch.inference_mode():
+            p = torch.sigmoid(self.module(embs, self._dense(dense)))
+        return p.cpu().numpy()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "tables": list(self.tables),
+            "num_dense": self.num_dense,
+            "dim": self.dim,
+            "device": str(self.device),
+            "parameters": int(sum(p.numel() for p in self.module.parameters())),
+        }
+
+
 class DenseModel:
-    """An immutable numpy DLRM head. Build once per dense update; swap the reference atomically."""
+    """The DLRM head in numpy: the tests' oracle for :class:`ServedModel` and the trainer."""
 
     def __init__(
         self, state: Mapping[str, np.ndarray], tables: Sequence[str], version: int

@@ -144,11 +144,14 @@ class InferenceClient:
         dense: Sequence[Sequence[float]] | np.ndarray | None = None,
         *,
         consistency: str = "eventual",
+        binary: bool = True,
     ) -> np.ndarray:
-        """Click probabilities ``[n]`` for ``n`` examples: ``features`` maps each table to ``n``
-        ids, ``dense`` is ``[n, num_dense]``."""
+        """Click probabilities ``[n]`` (numpy float32) for ``n`` examples: ``features`` maps each
+        table to ``n`` ids, ``dense`` is ``[n, num_dense]``. ``binary=True`` (default) sends
+        int64 ids and float32 features and gets float32 scores back; ``False`` uses JSON."""
         return np.asarray(
-            self.predict_raw(features, dense, consistency=consistency)["scores"], dtype=np.float64
+            self.predict_raw(features, dense, consistency=consistency, binary=binary)["scores"],
+            dtype=np.float32,
         )
 
     def predict_raw(
@@ -157,8 +160,33 @@ class InferenceClient:
         dense: Sequence[Sequence[float]] | np.ndarray | None = None,
         *,
         consistency: str = "eventual",
+        binary: bool = True,
     ) -> dict[str, Any]:
         """The server's whole predict answer: ``scores`` and ``dense_version``."""
+        if binary:
+            ids = []
+            for t, v in features.items():
+                k = np.asarray(v)
+                if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
+                    raise ValueError(
+                        f"features[{t!r}] must be a flat sequence of integer ids, got dtype "
+                        f"{k.dtype} shape {k.shape}"
+                    )
+                k = k.view(np.int64) if k.dtype == np.uint64 else k
+                ids.append(np.ascontiguousarray(k, dtype="<i8"))
+            n = ids[0].size if ids else 0
+            x = np.zeros((n, 0), "<f4") if dense is None else np.asarray(dense, dtype="<f4")
+            path = (
+                f"/v1/predict?tables={quote(','.join(features))}"
+                f"&counts={','.join(str(k.size) for k in ids)}&consistency={quote(consistency)}"
+            )
+            payload = b"".join([*(k.tobytes() for k in ids), np.ascontiguousarray(x).tobytes()])
+            status, headers, data = self._request("POST", path, payload, "application/octet-stream")
+            self._raise_for(status, data)
+            return {
+                "scores": np.frombuffer(data, dtype="<f4").astype(np.float32),
+                "dense_version": int(headers.get("x-streamhps-dense-version", 0)),
+            }
         body: dict[str, Any] = {
             "features": {t: np.asarray(v).tolist() for t, v in features.items()},
             "consistency": consistency,

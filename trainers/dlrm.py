@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from servers.model import DenseModel
 from streamhps.config import Config
 from streamhps.errors import ConfigError
+from streamhps.models import DLRMDense
 from streamhps.publish import Publisher
 from trainers.synthetic import Batch, ClickStream, StreamSpec, auc
 
@@ -35,9 +35,8 @@ log = logging.getLogger(__name__)
 
 
 class DLRM(nn.Module):
-    """Embeddings per table, a bottom MLP for dense features, dot interactions, a top MLP.
-
-    Parameter names match :class:`servers.model.DenseModel`'s layout.
+    """Embeddings per table plus the library's :class:`~streamhps.models.DLRMDense` (bottom MLP,
+    dot interactions, top MLP): the server loads the published dense state into that same class.
     """
 
     def __init__(
@@ -60,29 +59,15 @@ class DLRM(nn.Module):
         for e in self.emb.values():
             assert isinstance(e, nn.Embedding)
             nn.init.normal_(e.weight, std=0.2)
-        self.bottom = nn.Sequential(nn.Linear(num_dense, dim), nn.ReLU())
-        f = 1 + len(tables)
-        self.top = nn.Sequential(
-            nn.Linear(dim + f * (f - 1) // 2, hidden), nn.ReLU(), nn.Linear(hidden, 1)
-        )
-        iu = torch.triu_indices(f, f, offset=1)
-        self.register_buffer("_iu", iu, persistent=False)
+        self.dense = DLRMDense(num_dense, (dim,), (hidden,), len(tables))
 
     def forward(self, ids: dict[str, torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
-        x = self.bottom(dense)
-        vecs = torch.stack([x, *(self.emb[n](ids[n]) for n in self.table_names)], dim=1)
-        iu = self._iu
-        assert isinstance(iu, torch.Tensor)
-        inter = torch.bmm(vecs, vecs.transpose(1, 2))[:, iu[0], iu[1]]
-        return self.top(torch.cat([x, inter], dim=1)).squeeze(1)
+        return self.dense([self.emb[n](ids[n]) for n in self.table_names], dense)
 
     def dense_state(self) -> dict[str, np.ndarray]:
-        """The dense part (everything but the embeddings) as float32 numpy arrays."""
-        return {
-            k: v.detach().cpu().numpy().astype(np.float32, copy=True)
-            for k, v in self.state_dict().items()
-            if not k.startswith("emb.")
-        }
+        """The dense part (everything but the embeddings) as float32 numpy arrays, under the
+        names :meth:`DLRMDense.from_state` loads."""
+        return self.dense.dense_state()
 
 
 @dataclass
@@ -104,13 +89,17 @@ class Snapshot:
 
     version: int
     embeddings: dict[str, np.ndarray]
-    dense: DenseModel
+    dense: DLRMDense
+    tables: tuple[str, ...]
 
     def predict(self, tables: dict[str, np.ndarray], dense: np.ndarray) -> np.ndarray:
         embs = [
-            self.embeddings[t][np.asarray(tables[t], dtype=np.int64)] for t in self.dense.tables
+            torch.from_numpy(self.embeddings[t][np.asarray(tables[t], dtype=np.int64)])
+            for t in self.tables
         ]
-        return self.dense.predict(embs, dense)
+        with torch.inference_mode():
+            logits = self.dense(embs, torch.as_tensor(np.asarray(dense, dtype=np.float32)))
+        return torch.sigmoid(logits).numpy()
 
 
 class OnlineTrainer:
@@ -292,7 +281,8 @@ class OnlineTrainer:
         return Snapshot(
             self.stats.last_version,
             embs,
-            DenseModel(dense, [self.user_table, self.item_table], max(1, self.stats.last_version)),
+            DLRMDense.from_state(dense, 2, version=max(1, self.stats.last_version)),
+            (self.user_table, self.item_table),
         )
 
     def run(
