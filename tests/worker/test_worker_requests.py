@@ -317,3 +317,48 @@ def test_pooled_lookup_refuses_bad_bags(world) -> None:  # type: ignore[no-untyp
         w.lookup_pooled("nope", k, lengths=np.array([6]))
     out = w.lookup_pooled("user", np.zeros(0, np.int64), offsets=np.zeros(0, np.int64))
     assert tuple(out.shape) == (0, 8)
+
+
+def test_streaming_embedding_modules_inside_a_users_model(world) -> None:  # type: ignore[no-untyped-def]
+    from streamhps.models import StreamingEmbedding, StreamingEmbeddingBag, StreamingEmbeddings
+
+    w: InferenceWorker = world["worker"]
+    dev = torch.device(w.torch_device)
+    keys = np.concatenate([world["stored"]["user"][:30], world["streamed"]["user"][-18:]])
+
+    class UserModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.user = StreamingEmbedding(w, "user")
+            self.tags = StreamingEmbeddingBag(w, "tag", mode="mean")
+            self.head = torch.nn.Linear(16, 1).to(dev)
+
+        def forward(
+            self, users: torch.Tensor, tags: torch.Tensor, offs: torch.Tensor
+        ) -> torch.Tensor:
+            x = torch.cat([self.user(users), self.tags(tags, offs).float()], dim=1)
+            return self.head(x).squeeze(1)
+
+    m = UserModel()
+    assert set(m.state_dict()) == {"head.weight", "head.bias"}  # the stream is the tables' state
+    grid = torch.from_numpy(keys.reshape(6, 8))
+    got = m.user(grid)
+    assert got.shape == (6, 8, 8) and got.device == dev and not got.requires_grad
+    np.testing.assert_array_equal(host(got).reshape(48, 8), w.lookup("user", keys))
+    tag_keys = torch.from_numpy(np.repeat(world["stored"]["tag"][:12], 2))
+    offs = torch.tensor([0, 4, 4, 10])
+    out = m(torch.from_numpy(keys[:4]), tag_keys, offs)
+    assert out.shape == (4,) and out.device == dev
+    out.sum().backward()  # the user's own parameters train; the streamed rows carry no grad
+    assert m.head.weight.grad is not None
+    equal_bags = m.tags(tag_keys.reshape(4, 6))
+    want = host(w.lookup_pooled("tag", tag_keys, lengths=[6, 6, 6, 6], mode="mean"))
+    np.testing.assert_array_equal(host(equal_bags), want)
+    both = StreamingEmbeddings(w, ["user", "item"])
+    got2 = both(
+        {"user": torch.from_numpy(keys), "item": torch.from_numpy(world["stored"]["item"][:5])}
+    )
+    np.testing.assert_array_equal(host(got2["user"]), w.lookup("user", keys))
+    assert tuple(got2["item"].shape) == (5, 16)
+    with pytest.raises(KeyError, match="not in this module"):
+        both({"tag": torch.tensor([1])})
