@@ -111,6 +111,16 @@ class Proc:
             self.p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float) -> None:
+        try:
+            self._wait_ready(timeout)
+        except RuntimeError:
+            print(
+                f"--- last lines of {self.log}:\n"
+                + "\n".join(self.log.read_text().splitlines()[-30:])
+            )
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
         c = InferenceClient(self.url)
         deadline = time.monotonic() + timeout
         while True:
