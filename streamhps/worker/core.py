@@ -48,6 +48,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -77,6 +78,7 @@ from streamhps.worker.window import RecentRows
 log = logging.getLogger(__name__)
 
 CONSISTENCY = ("eventual", "bounded")
+_PARALLEL_KEYS = 8192  # keys of a request above which a cpu worker looks its tables up in parallel
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 _PRODUCER_ONLY = ("enable.idempotence", "acks", "linger.ms", "queue.buffering", "batch.", "compression",
                   "message.timeout.ms", "delivery.timeout.ms", "retries", "transactional")  # fmt: skip
@@ -140,6 +142,10 @@ class InferenceWorker:
         # device are refused
         self.torch_device = "cpu" if self.backend == "numpy" else f"cuda:{self.device_index or 0}"
         self._requests: DeviceRequests | None = None
+        # cpu worker: the tables of one large request are looked up on this many threads at once
+        # (numpy releases the GIL in the gathers); 1 = one after the other
+        self.host_lookup_threads = min(8, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
         self.max_staleness_s = float(config.serving.max_staleness_s)
         self.cache_capacity = int(cache_capacity or config.serving.cache_capacity)
         self._capacity_given = cache_capacity is not None
@@ -338,6 +344,8 @@ class InferenceWorker:
             self._ingest.stop()
         if self._probe_thread is not None:
             self._probe_thread.join(10)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         self._close_resources()
 
     def _close_resources(self) -> None:
@@ -731,8 +739,23 @@ class InferenceWorker:
     ) -> tuple[dict[str, np.ndarray], int]:
         rows: dict[str, np.ndarray] = {}
         missed: dict[str, np.ndarray] = {}
-        for t, k in keys.items():
-            values, hit = states[t].cache.lookup(k)
+        threads = min(self.host_lookup_threads, len(keys))
+        if threads > 1 and sum(int(k.shape[0]) for k in keys.values()) >= _PARALLEL_KEYS:
+            with self._stats_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        self.host_lookup_threads, thread_name_prefix="streamhps-lookup"
+                    )
+            found_all = dict(
+                zip(
+                    keys,
+                    self._pool.map(lambda t: states[t].cache.lookup(keys[t]), keys),
+                    strict=True,
+                )
+            )
+        else:
+            found_all = {t: states[t].cache.lookup(k) for t, k in keys.items()}
+        for t, (values, hit) in found_all.items():
             rows[t] = values
             if not hit.all():
                 missed[t] = np.flatnonzero(~hit)
