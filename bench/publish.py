@@ -23,7 +23,7 @@ from confluent_kafka import Producer
 
 from streamhps import Publisher, TableSpec, wire
 from streamhps.broker import EmbeddedBroker
-from streamhps.publish import PRODUCER_DEFAULTS
+from streamhps.kafka import PRODUCER_DEFAULTS
 
 
 def raw_produce(bootstrap: str, topic: str, messages: list[tuple[int, bytes]]) -> float:

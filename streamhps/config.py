@@ -15,6 +15,8 @@ Loaded from TOML (``--config PATH`` or ``$STREAMHPS_CONFIG``)::
     max_staleness_s = 1.0
 
 ``$STREAMHPS_BOOTSTRAP`` overrides ``kafka."bootstrap.servers"`` (tests and compose use it).
+``[kafka]`` reaches every Kafka client of every process through :mod:`streamhps.kafka`
+(``security.protocol``, ``sasl.*``, ``ssl.*`` included; role-only keys go to that role only).
 Unknown keys are rejected with the key's name: a typo must not silently fall back to a default.
 """
 

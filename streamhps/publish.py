@@ -26,25 +26,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError
 
 from streamhps import wire
 from streamhps.config import Config, TableSpec, dense_topic, table_topic
 from streamhps.errors import PublishError, UnknownTableError, ValidationError, VersionError
+from streamhps.kafka import client_config, make_producer
 from streamhps.partitioning import partition_of
 from streamhps.topics import ensure_topics, planned_topics
 
 log = logging.getLogger(__name__)
 
-# Safe defaults; anything in kafka_config wins.
-PRODUCER_DEFAULTS: dict[str, Any] = {
-    "enable.idempotence": True,  # implies acks=all and ordered retries per partition
-    "acks": "all",
-    "linger.ms": 5,
-    "queue.buffering.max.kbytes": 1 << 20,  # 1 GiB of queued batches before produce() blocks
-    "message.max.bytes": 1 << 20 | 4096,
-    "message.timeout.ms": 30_000,  # an unacknowledged message fails (and flush raises) after this
-}
 _HEADER_ALLOWANCE = 1024  # bytes of envelope header budgeted per message
 
 
@@ -77,7 +69,7 @@ class Publisher:
         if not self.tables:
             raise ValidationError("Publisher needs at least one TableSpec in tables=[...]")
         self.topic_prefix = topic_prefix
-        conf = {**PRODUCER_DEFAULTS, **dict(kafka_config or {})}
+        conf = client_config(dict(kafka_config or {}), "producer")
         if bootstrap_servers:
             conf["bootstrap.servers"] = bootstrap_servers
         if "bootstrap.servers" not in conf:
@@ -90,7 +82,7 @@ class Publisher:
         self._seq = 0
         self._errors: list[str] = []
         self._lock = threading.Lock()
-        self._producer = Producer(conf, logger=logging.getLogger("streamhps.kafka"))
+        self._producer = make_producer(conf)
         self._closed = False
 
     @classmethod

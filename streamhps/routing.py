@@ -38,13 +38,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
-from streamhps import wire
 from streamhps.client import InferenceClient, ShardedClient
 from streamhps.config import Config, dense_topic
-from streamhps.errors import ServerError, StaleReadError, StreamHPSError, WireError
+from streamhps.errors import ServerError, StaleReadError, StreamHPSError
+from streamhps.kafka import make_consumer
 from streamhps.placement import Placement
+from streamhps.validation import Rejected, check_dense_message
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,13 @@ class DenseFollower:
         self._consumer: Any = None
 
     def start(self) -> None:
-        from streamhps.worker.core import _PRODUCER_ONLY, CONSUMER_DEFAULTS
+        from streamhps.worker.core import CONSUMER_DEFAULTS
 
-        conf = {k: v for k, v in self.kafka.items() if not k.startswith(_PRODUCER_ONLY)}
-        conf = {**CONSUMER_DEFAULTS, **conf, "group.id": f"streamhps-main-{uuid.uuid4().hex[:12]}"}
-        conf["enable.auto.commit"] = False
-        self._consumer = Consumer(conf, logger=logging.getLogger("streamhps.kafka"))
+        self._consumer = make_consumer(
+            self.kafka,
+            defaults=CONSUMER_DEFAULTS,
+            overrides={"group.id": f"streamhps-main-{uuid.uuid4().hex[:12]}"},
+        )
         tp = TopicPartition(self.topic, 0)
         try:
             lo, hi = self._consumer.get_watermark_offsets(tp, timeout=10)
@@ -105,13 +107,9 @@ class DenseFollower:
             log.exception("dense-model consumer failed")
 
     def _apply(self, value: bytes) -> None:
-        try:
-            dec = wire.decode(value)
-        except WireError as e:
-            log.warning("undecodable message on %s: %s", self.topic, e)
-            return
-        if not dec.is_dense or dec.version <= 0:
-            log.warning("%s: not a dense model (version %s); skipped", self.topic, dec.version)
+        dec = check_dense_message(value)
+        if isinstance(dec, Rejected):
+            log.warning("skipped a message on %s (%s): %s", self.topic, dec.reason, dec.detail)
             return
         if self.dense is not None and dec.version <= self.dense[0]:
             return

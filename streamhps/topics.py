@@ -15,6 +15,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from streamhps.config import TableSpec, dense_topic, dlq_topic, table_topic
 from streamhps.errors import TopicError
+from streamhps.kafka import make_admin
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,6 @@ def planned_topics(prefix: str, tables: Iterable[TableSpec]) -> dict[str, int]:
         plan[dlq_topic(topic)] = 1
     plan[dense_topic(prefix)] = 1
     return plan
-
-
-def admin_config(kafka_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The subset of a client config an AdminClient accepts (producer/consumer keys dropped)."""
-    skip = ("enable.idempotence", "acks", "linger.ms", "queue.buffering", "batch.", "compression",
-            "message.timeout.ms", "delivery.timeout.ms", "retries", "group.", "auto.offset",
-            "enable.auto", "session.timeout", "fetch.", "max.poll", "isolation.level")  # fmt: skip
-    return {k: v for k, v in kafka_config.items() if not k.startswith(skip)}
 
 
 def existing_partitions(admin: AdminClient, timeout: float = 10.0) -> dict[str, int]:
@@ -57,7 +50,7 @@ def ensure_topics(
     Idempotent. Raises :class:`TopicError` if a topic exists with another partition count
     (rows would land in partitions that workers and the processor do not expect).
     """
-    admin = AdminClient(admin_config(kafka_config))
+    admin = make_admin(kafka_config)
     have = existing_partitions(admin, timeout)
     _check_counts(plan, have)
     missing = [NewTopic(name, num_partitions=n, replication_factor=-1)

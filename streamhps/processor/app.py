@@ -46,22 +46,16 @@ from confluent_kafka import (
     TopicCollection,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient
 
 from streamhps.config import Config, TableSpec, dlq_topic
 from streamhps.deadletters import DeadLetterWriter
 from streamhps.errors import StreamHPSError
+from streamhps.kafka import make_admin, make_consumer, make_producer
 from streamhps.store import LmdbStore, WriteBatch
-from streamhps.topics import admin_config, ensure_topics
+from streamhps.topics import ensure_topics
 from streamhps.validation import Rejected, check_table_message
 
 log = logging.getLogger(__name__)
-
-# librdkafka keys that only producers understand; dropped from the consumer's config.
-_PRODUCER_ONLY = ("enable.idempotence", "acks", "linger.ms", "queue.buffering", "batch.", "compression",
-                  "message.timeout.ms", "delivery.timeout.ms", "retries", "message.send.max.retries")  # fmt: skip
-_CONSUMER_ONLY = ("group.", "auto.offset", "enable.auto", "session.timeout", "fetch.", "max.poll",
-                  "isolation.level", "enable.partition.eof", "heartbeat", "partition.assignment")  # fmt: skip
 
 
 @dataclass
@@ -135,26 +129,20 @@ class Processor:
         try:
             self.store.ensure_tables(self._specs, self._held)
             self._ensure_topics()
-            kafka = dict(self.config.kafka)
-            self._consumer = Consumer(
-                {
-                    **{k: v for k, v in kafka.items() if not k.startswith(_PRODUCER_ONLY)},
-                    "group.id": kafka.get("group.id", f"{self.config.topic_prefix}.processor"),
-                    "enable.auto.commit": False,
-                    "enable.auto.offset.store": False,
+            kafka = self.config.kafka
+            self._consumer = make_consumer(
+                kafka,
+                defaults={"group.id": f"{self.config.topic_prefix}.processor"},  # lag tools only
+                overrides={
                     "auto.offset.reset": "error",  # out-of-range offsets surface as history lost
                     "enable.partition.eof": False,
                     "on_commit": _on_commit,
-                }
+                },
             )
-            self._admin = AdminClient(admin_config(kafka))
-            self._producer = Producer(
-                {
-                    **{k: v for k, v in kafka.items() if not k.startswith(_CONSUMER_ONLY)},
-                    "enable.idempotence": True,
-                    "acks": "all",
-                    "linger.ms": 5,
-                }
+            self._admin = make_admin(kafka)
+            # idempotent whatever [kafka] says: a retried dead letter must not be duplicated
+            self._producer = make_producer(
+                kafka, overrides={"enable.idempotence": True, "acks": "all"}
             )
             self._dead_letters = DeadLetterWriter(self._producer, on_failure=self._ensure_topics)
             self._assign()

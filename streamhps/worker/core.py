@@ -52,8 +52,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
+from confluent_kafka.admin import OffsetSpec
 
 from streamhps.config import Config, dense_topic
 from streamhps.errors import (
@@ -65,10 +65,11 @@ from streamhps.errors import (
     UnknownTableError,
     ValidationError,
 )
+from streamhps.kafka import make_admin, make_consumer
 from streamhps.partitioning import partition_of
 from streamhps.placement import Placement
 from streamhps.store.shards import StorePaths, open_stores, store_dirs
-from streamhps.topics import admin_config, ensure_topics, planned_topics
+from streamhps.topics import ensure_topics, planned_topics
 from streamhps.worker.ingest import DenseCallback, Fill, Ingestor, TableState, row_quantiles
 from streamhps.worker.missing import fill_missing
 from streamhps.worker.request import DeviceRequests, array_device, check_keys
@@ -80,11 +81,7 @@ log = logging.getLogger(__name__)
 CONSISTENCY = ("eventual", "bounded")
 _PARALLEL_KEYS = 8192  # keys of a request above which a cpu worker looks its tables up in parallel
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
-_PRODUCER_ONLY = ("enable.idempotence", "acks", "linger.ms", "queue.buffering", "batch.", "compression",
-                  "message.timeout.ms", "delivery.timeout.ms", "retries", "transactional")  # fmt: skip
 CONSUMER_DEFAULTS: dict[str, Any] = {
-    "enable.auto.commit": False,
-    "enable.auto.offset.store": False,
     "auto.offset.reset": "earliest",  # a stored offset beyond the log (history lost): reread all
     # How long the broker may hold a fetch with no new data. The embedded Tansu broker seems to
     # hold it for the whole wait even when data arrives, so this adds up to its value to
@@ -299,14 +296,12 @@ class InferenceWorker:
                             st.topic, p, start if start is not None else OFFSET_BEGINNING
                         )
                     )
-            conf = {k: v for k, v in self.kafka.items() if not k.startswith(_PRODUCER_ONLY)}
-            conf = {
-                **CONSUMER_DEFAULTS,
-                **conf,
-                "group.id": f"streamhps-worker-{uuid.uuid4().hex[:12]}",
-            }
-            conf["enable.auto.commit"] = False
-            self._consumer = Consumer(conf, logger=logging.getLogger("streamhps.kafka"))
+            self._consumer = make_consumer(
+                self.kafka,
+                defaults=CONSUMER_DEFAULTS,
+                # assign() only, no group: a unique id keeps commits of other processes apart
+                overrides={"group.id": f"streamhps-worker-{uuid.uuid4().hex[:12]}"},
+            )
             if self.follow_dense:
                 assignment.append(self._dense_start())
             self.assigned_at = time.perf_counter()
@@ -434,7 +429,7 @@ class InferenceWorker:
     # ---------------------------------------------------------------- the head of the stream
 
     def _probe_loop(self) -> None:
-        admin = AdminClient(admin_config(self.kafka))
+        admin = make_admin(self.kafka)
         tps = [
             TopicPartition(st.topic, p)
             for st in self._tables.values()
