@@ -7,7 +7,8 @@ separate ``streamhps serve`` processes, as deployed:
 
 * ``single``: ``serve --store stores`` (every partition; cache sized to hold every row);
 * ``main+N``: ``serve --role sparse --placement P_N --shard i`` for i < N (GPU ``i % --gpus``
-  with ``--device cuda``) and ``serve --role main --placement P_N --shards ...``.
+  with ``--device cuda``) and ``serve --role main --placement P_N --shards ...`` (its dense model
+  on the single server's device).
 
 ``P_N`` is a load-balanced placement over a Zipf(1.05) key trace, planned within a per-shard
 cache capacity ``G`` = 60 % of what one worker needs for every row: ``streamhps plan`` refuses
@@ -380,9 +381,10 @@ def main() -> None:
             procs.extend(sparse)
             for sp in sparse:
                 sp.wait_ready(600)
+            # the main's dense model on the device the single server's runs on
             main_p = Proc(f"main{n}", ["--config", str(cfg_path), "--role", "main", "--placement",
-                          str(placements[n]), "--shards", ",".join(s.url for s in sparse)],
-                          tmp, env)  # fmt: skip
+                          str(placements[n]), "--shards", ",".join(s.url for s in sparse),
+                          "--device", device_of(0)], tmp, env)  # fmt: skip
             procs.append(main_p)
             main_p.wait_ready(120)
             wait_dense(main_p.url, 60)
