@@ -18,6 +18,7 @@ COPY schemas ./schemas
 COPY streamhps ./streamhps
 COPY servers ./servers
 COPY trainers ./trainers
+COPY demo ./demo
 RUN pip install ".[${EXTRAS}]"
 
 # Unprivileged user; /data holds the LMDB store (a named volume in compose.yaml).

@@ -1,6 +1,9 @@
 """The ``streamhps`` command line. The CLI owns output and exit codes; library code only logs.
 
 Each subcommand is a ``_cmd_<name>(args) -> int`` function registered in :func:`build_parser`.
+The library's own commands are registered there; the applications' (``serve``, ``train``,
+``demo``) plug in through the ``streamhps.commands`` entry-point group
+(:func:`register_application_commands`), so the library never imports them.
 Exit codes: 0 ok, 1 runtime failure, 2 bad usage or config.
 """
 
@@ -12,6 +15,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from typing import Any
 
 from rich.console import Console
@@ -106,27 +110,47 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--config", default=None, help="config TOML (default $STREAMHPS_CONFIG)")
     tc.set_defaults(func=_cmd_topics_create)
 
-    # Further subcommands (processor, inspect, snapshot, serve, train, demo) register below.
-    _register_extensions(sub)
+    from streamhps.placement_cli import register as register_plan
+    from streamhps.processor.cli import register as register_processor
+
+    register_processor(sub)  # processor, inspect, snapshot
+    register_plan(sub)  # plan
+    register_application_commands(sub)  # serve, train, demo: the applications' entry points
     return p
 
 
-def _register_extensions(sub: Any) -> None:
-    """Subcommands that live in their own modules add themselves here."""
-    from streamhps.processor.cli import register as _register_processor
+COMMANDS_GROUP = "streamhps.commands"
+"""Entry-point group through which applications add subcommands to ``streamhps``.
 
-    _register_processor(sub)  # processor, inspect, snapshot
-    from streamhps.placement_cli import register as _register_plan
+Each entry point names a ``register(subparsers)`` function, e.g. in an application's
+``pyproject.toml``::
 
-    _register_plan(sub)  # plan
-    from servers.cli import register as _register_serve
-    from trainers.cli import register as _register_train
+    [project.entry-points."streamhps.commands"]
+    serve = "servers.cli:register"
 
-    _register_serve(sub)  # serve
-    _register_train(sub)  # train
-    from streamhps.demo import register as _register_demo
+The library never imports its applications; they plug in here (installed metadata).
+"""
 
-    _register_demo(sub)  # demo
+
+def register_application_commands(sub: Any) -> None:
+    """Call every ``streamhps.commands`` entry point's ``register(sub)``.
+
+    An application that is declared but cannot be imported (a partial install) loses its
+    command, with a warning naming it, rather than taking the whole command line down.
+    """
+    seen: set[str] = set()
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        if ep.name in seen:  # the same distribution found twice on sys.path
+            continue
+        seen.add(ep.name)
+        try:
+            register = ep.load()
+        except ImportError as e:
+            err_console.print(
+                f"[yellow]warning:[/] command {ep.name!r} ({ep.value}) is not available: {e}"
+            )
+            continue
+        register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,13 +7,13 @@ served predictions it scores a *frozen* copy of the model, taken at the first co
 updated, on the same traffic: the online AUC staying above the frozen one is the reason the
 system exists. Ends with a summary (also written as JSON with ``--summary-json``) and stops
 every process it started, on normal exit, on Ctrl-C and on SIGTERM.
+
+The live view and the summary table are in :mod:`demo.view`; the command in :mod:`demo.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+
+from demo.view import live_view, quantile, to_ms
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +127,6 @@ def _spawn(args: list[str], log_path: Path) -> subprocess.Popen[bytes]:
         )  # fmt: skip
     finally:
         out.close()
-
-
-def _quantile(xs: list[float], q: float) -> float | None:
-    return float(np.quantile(np.asarray(xs), q)) if xs else None
 
 
 def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
@@ -325,7 +323,7 @@ def _traffic_loop(
         })  # fmt: skip
 
     def view() -> Any:
-        return _live_view(
+        return live_view(
             opts,
             time.monotonic() - t0,
             trainer,
@@ -405,10 +403,10 @@ def _traffic_loop(
     return {
         "predictions_served": state["served"],
         "predict_errors": errors,
-        "predict_latency_ms_p50": _ms(_quantile(latencies, 0.5)),
-        "predict_latency_ms_p99": _ms(_quantile(latencies, 0.99)),
-        "staleness_s_p50": _quantile(staleness, 0.5),
-        "staleness_s_p99": _quantile(staleness, 0.99),
+        "predict_latency_ms_p50": to_ms(quantile(latencies, 0.5)),
+        "predict_latency_ms_p99": to_ms(quantile(latencies, 0.99)),
+        "staleness_s_p50": quantile(staleness, 0.5),
+        "staleness_s_p99": quantile(staleness, 0.99),
         "staleness_s_max": max(staleness) if staleness else None,
         "cache_hit_ratio": hit[-1] if hit else None,
         "ingest_rows_per_s_mean": float(np.mean(ingest)) if ingest else None,
@@ -419,191 +417,3 @@ def _traffic_loop(
         "auc_frozen_late": mean("auc_frozen", late),
         "auc_windows": results,
     }
-
-
-def _ms(x: float | None) -> float | None:
-    return None if x is None else round(x * 1000, 2)
-
-
-def _fmt(x: Any, spec: str = ".3f") -> str:
-    if x is None or (isinstance(x, float) and x != x):
-        return "-"
-    return format(x, spec)
-
-
-def _spark(vals: list[float]) -> str:
-    bars = "▁▂▃▄▅▆▇█"
-    vs = [v for v in vals if v == v]
-    if not vs:
-        return ""
-    lo, hi = 0.5, max(1.0, max(vs))
-    return "".join(
-        bars[min(7, max(0, int((v - lo) / (hi - lo) * 7.999)))] if v == v else " " for v in vals
-    )
-
-
-def _live_view(
-    opts: DemoOptions, elapsed: float, trainer: Any, state: dict[str, Any], results: list[dict[str, Any]],
-    staleness: list[float], hit: list[float], ingest: list[float], latencies: list[float], errors: dict[str, int],
-) -> Any:  # fmt: skip
-    from rich.table import Table
-
-    s = trainer.stats
-    t = Table(
-        title=f"streamhps demo  {elapsed:5.0f}s / {opts.duration:.0f}s",
-        show_header=False,
-        min_width=72,
-    )
-    t.add_column(style="bold cyan", no_wrap=True)
-    t.add_column(no_wrap=True)
-    t.add_row(
-        "trainer",
-        f"step {s.step}  committed v{s.last_version}  rows published {s.rows_published}  loss {_fmt(s.loss_ewma)}",
-    )
-    applied = state.get("applied") or {}
-    t.add_row(
-        "served",
-        f"applied version {min(applied.values()) if applied else '-'}  ready {state.get('ready')}  predictions {state['served']}",
-    )
-    t.add_row(
-        "staleness",
-        f"now {_fmt(staleness[-1] if staleness else None, '.3f')} s   p50 {_fmt(_quantile(staleness, 0.5))}  p99 {_fmt(_quantile(staleness, 0.99))}  bound {opts.max_staleness_s}",
-    )
-    t.add_row(
-        "cache",
-        f"hit ratio {_fmt(hit[-1] if hit else None)}   ingest {_fmt(ingest[-1] if ingest else None, '.0f')} rows/s",
-    )
-    t.add_row("status page", f"{state.get('url', '-')}/  (live charts)")
-    t.add_row(
-        "predict",
-        f"p50 {_fmt(_ms(_quantile(latencies, 0.5)), '.1f')} ms  p99 {_fmt(_ms(_quantile(latencies, 0.99)), '.1f')} ms  errors {sum(errors.values())}",
-    )
-    if results:
-        last = results[-1]
-        t.add_row(
-            "AUC online",
-            f"{_fmt(last['auc_online'])}  {_spark([r['auc_online'] for r in results])}",
-        )
-        t.add_row(
-            "AUC frozen",
-            f"{_fmt(last['auc_frozen'])}  {_spark([r['auc_frozen'] for r in results])}",
-        )
-        t.add_row("AUC oracle", f"{_fmt(last['auc_oracle'])}  (the hidden truth: the ceiling)")
-    else:
-        t.add_row("AUC", "first window in progress")
-    return t
-
-
-def print_summary(summary: dict[str, Any], console: Any) -> None:
-    from rich.table import Table
-
-    t = Table(title="streamhps demo summary", show_header=False)
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row(
-        "rows published",
-        f"{summary['rows_published']} in {summary['commits']} commits (trainer steps {summary['trainer_steps']})",
-    )
-    t.add_row(
-        "versions applied",
-        f"{summary['versions_applied']} of {summary['commits']}; applied version {summary['applied_version']} / committed {summary['last_committed_version']}",
-    )
-    t.add_row(
-        "dense model",
-        f"{summary['dense_updates_published']} updates published; serving v{summary['dense_version_served']}",
-    )
-    t.add_row(
-        "staleness",
-        f"p50 {_fmt(summary['staleness_s_p50'])} s   p99 {_fmt(summary['staleness_s_p99'])} s   max {_fmt(summary['staleness_s_max'])} s",
-    )
-    t.add_row("cache hit ratio", _fmt(summary["cache_hit_ratio"]))
-    t.add_row(
-        "predictions",
-        f"{summary['predictions_served']} served; p50 {_fmt(summary['predict_latency_ms_p50'], '.1f')} ms, p99 {_fmt(summary['predict_latency_ms_p99'], '.1f')} ms; errors {summary['predict_errors'] or 0}",
-    )
-    t.add_row(
-        "AUC online (served)",
-        f"mean {_fmt(summary['auc_online_mean'])}   second half {_fmt(summary['auc_online_late'])}",
-    )
-    t.add_row(
-        "AUC frozen (no updates)",
-        f"mean {_fmt(summary['auc_frozen_mean'])}   second half {_fmt(summary['auc_frozen_late'])}   (copy of v{summary['frozen_version']})",
-    )
-    t.add_row("AUC oracle (hidden truth)", f"mean {_fmt(summary['auc_oracle_mean'])}")
-    console.print(t)
-    w = Table(title="AUC over time (per window)")
-    for col in ("t (s)", "examples", "online", "frozen", "oracle"):
-        w.add_column(col, justify="right")
-    for r in summary["auc_windows"]:
-        w.add_row(
-            f"{r['t_s']:.0f}",
-            str(r["examples"]),
-            _fmt(r["auc_online"]),
-            _fmt(r["auc_frozen"]),
-            _fmt(r["auc_oracle"]),
-        )
-    console.print(w)
-
-
-# ---------------------------------------------------------------------- command line
-
-
-def register(sub: Any) -> None:
-    d = sub.add_parser(
-        "demo", help="run broker, processor, server and trainer; show fresh vs frozen AUC"
-    )
-    d.add_argument(
-        "--duration",
-        type=float,
-        default=180.0,
-        help="seconds of online training and traffic (default 180)",
-    )
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    d.add_argument(
-        "--port", type=int, default=0, help="inference server port (default: a free one)"
-    )
-    d.add_argument(
-        "--warmup-steps", type=int, default=1500, help="training steps before the first commit"
-    )
-    d.add_argument(
-        "--steps-per-second", type=float, default=100.0, help="trainer speed after warm-up"
-    )
-    d.add_argument("--summary-json", default=None, help="write the summary here as JSON")
-    d.add_argument(
-        "--workdir",
-        default=None,
-        help="keep config, logs and LMDB here (default: a temp dir, removed)",
-    )
-    d.add_argument("--no-live", action="store_true", help="no live view (logs and CI)")
-    d.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from streamhps.cli import console
-
-    opts = DemoOptions(
-        duration=args.duration, seed=args.seed, device=args.device, port=args.port,
-        warmup_steps=args.warmup_steps, steps_per_second=args.steps_per_second,
-        summary_json=args.summary_json, workdir=args.workdir, live=not args.no_live,
-    )  # fmt: skip
-
-    def on_term(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
-    if args.verbose <= 1:  # per-commit INFO lines would scroll the live view away
-        logging.getLogger().setLevel(logging.WARNING)
-    summary = run_demo(opts, console)
-    console.print()
-    print_summary(summary, console)
-    if opts.summary_json:
-        Path(opts.summary_json).write_text(json.dumps(summary, indent=2, default=_json_default))
-        console.print(f"summary written to {opts.summary_json}")
-    return 0
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -1,0 +1,1 @@
+"""The demo application: the whole system on one machine (``streamhps demo``)."""
