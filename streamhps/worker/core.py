@@ -453,17 +453,12 @@ class InferenceWorker:
                 self._stop.wait(self.probe_interval_s)
                 continue
             positions = {name: self._tracker.position(name) for name in names.values()}
+            # the consumer's watermarks as the ingest thread last read them (never the consumer
+            # itself from this thread: see streamhps.worker.staleness)
+            fetched = {name: self._tracker.fetched_high_watermarks(name) for name in names.values()}
             for (topic, p), hw in got.items():
                 name = names[topic]
-                cached = -1
-                consumer = self._consumer
-                if consumer is not None:
-                    try:
-                        cached = int(
-                            consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)[1]
-                        )
-                    except (KafkaException, RuntimeError):
-                        cached = -1
+                cached = int(fetched[name][p])
                 head = max(int(hw), cached)
                 pos = int(positions[name][p])
                 if cached >= 0 and head < pos and (topic, p) not in lost_reported:

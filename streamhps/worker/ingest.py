@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from streamhps.config import TableSpec
 from streamhps.validation import Rejected, check_dense_message, check_table_message
@@ -173,6 +173,7 @@ class Ingestor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_store_refresh = 0.0
+        self._last_watermarks = 0.0
         self._lat = np.zeros(_LATENCY_SAMPLES)
         self._lat_rows = np.zeros(_LATENCY_SAMPLES, dtype=np.int64)
         self._lat_n = 0
@@ -222,10 +223,29 @@ class Ingestor:
         t2 = time.perf_counter()
         prof["fills"] += t2 - t1
         now = time.monotonic()
+        if now - self._last_watermarks >= self.store_refresh_s:
+            self._read_watermarks(now)
         if now - self._last_store_refresh >= self.store_refresh_s:
             self.refresh_store()
         prof["store_refresh"] += time.perf_counter() - t2
         return len(msgs)
+
+    def _read_watermarks(self, now: float) -> None:
+        """Hand the consumer's cached high watermarks (from its last fetches) to the tracker.
+
+        Only this thread calls the consumer: from the probe thread the same call waited behind
+        ``consume`` for tens of seconds."""
+        self._last_watermarks = now
+        for st in self.tables.values():
+            for p in self.tracker.owned_partitions(st.spec.name):
+                try:
+                    hw = self.consumer.get_watermark_offsets(
+                        TopicPartition(st.topic, p), cached=True
+                    )[1]
+                except (KafkaException, RuntimeError):
+                    continue
+                if hw >= 0:
+                    self.tracker.fetched(st.spec.name, p, int(hw))
 
     # ---------------------------------------------------------------- the store's progress
 

@@ -23,7 +23,10 @@ and does not see commits none of the worker's partitions has delivered yet.
 The high watermark of a probe is the larger of the broker's ListOffsets answer and the
 consumer's cached watermark from its last fetch (the embedded Tansu broker answers ListOffsets
 with the base offset of the last record batch + 1, which is low when a batch holds several
-messages; the fetch response's watermark is right).
+messages; the fetch response's watermark is right). The ingest thread, which owns the consumer,
+reads the cached watermarks (:meth:`LagTracker.fetched`); the probe thread never calls the
+consumer: a ``get_watermark_offsets`` from another thread waited 15-30 s behind the ingest
+thread's ``consume`` (lock starvation inside the client), and staleness grew all that time.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class _TableLag:
     def __init__(self, partitions: int, owned: Sequence[int] | None = None) -> None:
         self.position = np.zeros(partitions, dtype=np.int64)  # next offset to consume
         self.high_watermark = np.full(partitions, -1, dtype=np.int64)
+        self.fetched_hw = np.full(partitions, -1, dtype=np.int64)  # the consumer's, last fetch
         self.caught_up_at = np.full(partitions, -math.inf)  # monotonic seconds
         # Partitions another shard serves: never the worst, never reported.
         self.owned = np.ones(partitions, dtype=bool)
@@ -86,6 +90,19 @@ class LagTracker:
             pend = t.pending[partition]
             while pend and pend[0][0] <= next_offset:
                 t.caught_up_at[partition] = max(t.caught_up_at[partition], pend.pop(0)[1])
+
+    def owned_partitions(self, table: str) -> list[int]:
+        return [int(p) for p in np.flatnonzero(self._t[table].owned)]
+
+    def fetched(self, table: str, partition: int, high_watermark: int) -> None:
+        """The consumer's cached high watermark from its last fetch (read on the ingest thread)."""
+        with self._lock:
+            t = self._t[table]
+            t.fetched_hw[partition] = max(int(t.fetched_hw[partition]), high_watermark)
+
+    def fetched_high_watermarks(self, table: str) -> np.ndarray:
+        with self._lock:
+            return self._t[table].fetched_hw.copy()
 
     def marker(self, table: str, partition: int, version: int) -> None:
         with self._lock:

@@ -26,6 +26,9 @@ class _Consumer:
     def consume(self, num_messages: int, timeout: float) -> list[Any]:
         return self.batches.pop(0) if self.batches else []
 
+    def get_watermark_offsets(self, tp: Any, cached: bool = False) -> tuple[int, int]:
+        return (-1001, -1001)  # librdkafka's answer before any fetch of the partition
+
 
 class _Store:
     def offsets(self) -> dict[tuple[str, int], int]:
