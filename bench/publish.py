@@ -56,7 +56,7 @@ def capture_messages(
     spec: TableSpec, keys: np.ndarray, vectors: np.ndarray
 ) -> list[tuple[int, bytes]]:
     """The exact (partition, bytes) the publisher produces, captured without a broker."""
-    pub = Publisher("127.0.0.1:1", [spec], "capture")
+    pub = Publisher("127.0.0.1:1", [spec], "capture", learn_committed=False)
     out: list[tuple[int, bytes]] = []
     pub._produce = lambda topic, p, payload, rows: out.append((p, payload))  # type: ignore[method-assign]
     pub.publish(spec.name, keys, vectors, version=1)

@@ -10,6 +10,17 @@
         pub.publish_dense(model.state_dict(), version=7)
         pub.flush()                        # raises PublishError unless every message was acked
 
+A restarted trainer resumes its numbering: before its first publish the publisher learns the
+highest committed version of each table from the commit markers on the stream
+(:mod:`streamhps.committed`), refuses anything not above it, and tells it
+(``pub.committed_version("user")``)::
+
+    start = (pub.committed_version("user") or 0) + 1
+
+Pass ``last_committed_version=`` (one version, or table -> version) to say where to resume
+without reading the stream, or ``learn_committed=False`` to start a new numbering on purpose
+(every tier keeps the newer rows it holds: rows at lower versions are dropped as older).
+
 Rows are grouped by partition (:func:`streamhps.partitioning.partition_of`) and cut into
 messages under 1 MiB. The producer is idempotent (``enable.idempotence``, ``acks=all``), so
 broker-side retries neither duplicate nor reorder messages within a partition. Every call
@@ -29,6 +40,7 @@ import numpy as np
 from confluent_kafka import KafkaError
 
 from streamhps import wire
+from streamhps.committed import read_committed_versions
 from streamhps.config import Config, TableSpec, dense_topic, table_topic
 from streamhps.errors import PublishError, UnknownTableError, ValidationError, VersionError
 from streamhps.kafka import client_config, make_producer
@@ -63,7 +75,9 @@ class Publisher:
         *,
         run_id: str | None = None,
         max_message_bytes: int = wire.MAX_MESSAGE_BYTES,
-        last_committed_version: int | None = None,
+        last_committed_version: int | Mapping[str, int] | None = None,
+        learn_committed: bool = True,
+        learn_timeout: float = 30.0,
     ) -> None:
         self.tables: dict[str, TableSpec] = {t.name: t for t in tables}
         if not self.tables:
@@ -77,8 +91,22 @@ class Publisher:
         self.kafka_config = conf
         self.run_id = run_id or uuid.uuid4().hex[:16]
         self.max_message_bytes = max_message_bytes
-        self.stats = PublishStats(committed_version=last_committed_version)
-        self._max_published_version = last_committed_version or 0
+        # table -> committed version; None until learned (lazily: topics may not exist yet)
+        self._committed: dict[str, int] | None = None
+        self._committed_source = "this publisher"
+        if isinstance(last_committed_version, Mapping):
+            self._committed = {t: int(v) for t, v in last_committed_version.items()}
+            self._committed_source = "last_committed_version="
+        elif last_committed_version is not None:
+            self._committed = {t: int(last_committed_version) for t in self.tables}
+            self._committed_source = "last_committed_version="
+        elif not learn_committed:
+            self._committed = {}
+        self.learn_timeout = learn_timeout
+        self.stats = PublishStats(
+            committed_version=max(self._committed.values()) if self._committed else None
+        )
+        self._max_published_version = 0  # of the rows this publisher sent
         self._seq = 0
         self._errors: list[str] = []
         self._lock = threading.Lock()
@@ -91,6 +119,13 @@ class Publisher:
             tables=config.tables, topic_prefix=config.topic_prefix, kafka_config=config.kafka,
             **kwargs,
         )  # fmt: skip
+
+    def committed_version(self, table: str) -> int | None:
+        """The highest version committed for ``table``: learned from the stream's commit markers
+        on first use (see the module docstring), then raised by every :meth:`commit`. None if
+        nothing was ever committed. A restarted trainer continues at this + 1."""
+        self._spec(table)
+        return self._committed_versions().get(table)
 
     # ------------------------------------------------------------------ topics
 
@@ -122,7 +157,7 @@ class Publisher:
         fails. Delivery is confirmed by :meth:`flush` / :meth:`commit`.
         """
         spec = self._spec(table)
-        self._check_version(version, what="publish")
+        _check_version_type(version, what="publish")
         keys_a = _as_keys(keys)
         vec = np.asarray(vectors)
         if vec.ndim != 2 or vec.shape[1] != spec.dim:
@@ -147,15 +182,6 @@ class Publisher:
             rv = rv.astype(np.int64, copy=False)
             if rv.size and (rv.min() <= 0 or rv.max() > version):
                 raise VersionError("row_versions must be in 1..version")
-            if (
-                rv.size
-                and self.stats.committed_version is not None
-                and rv.min() <= self.stats.committed_version
-            ):
-                raise VersionError(
-                    f"row_versions go down to {rv.min()}, at or below the committed version "
-                    f"{self.stats.committed_version}"
-                )
         n = keys_a.shape[0]
         if n == 0:
             return 0
@@ -172,6 +198,15 @@ class Publisher:
                 f"{dup.size} duplicate key(s) in one publish call (first: {int(dup[0])}); "
                 "send each key once per call with its latest vector"
             )
+        # Checked last: the first check reads the committed versions from the broker.
+        self._check_above_committed(table, version, what="publish")
+        if rv is not None and rv.size:
+            committed = self.committed_version(table)
+            if committed is not None and rv.min() <= committed:
+                raise VersionError(
+                    f"row_versions go down to {rv.min()}, at or below the committed version "
+                    f"{committed} of table {table!r}"
+                )
 
         # int16 partitions let numpy's stable sort use radix sort: O(n).
         parts = partition_of(keys_a, spec.partitions).astype(np.int16)
@@ -207,12 +242,17 @@ class Publisher:
         """
         names = list(tables) if tables is not None else list(self.tables)
         specs = [self._spec(n) for n in names]
-        self._check_version(version, what="commit")
+        _check_version_type(version, what="commit")
+        if self._committed is not None:  # known already: the clearer error first
+            for spec in specs:
+                self._check_above_committed(spec.name, version, what="commit")
         if version < self._max_published_version:
             raise VersionError(
                 f"commit({version}) after rows of version {self._max_published_version} were "
                 f"published; commit {self._max_published_version} (or higher) instead"
             )
+        for spec in specs:
+            self._check_above_committed(spec.name, version, what="commit")
         for spec in specs:
             topic = table_topic(self.topic_prefix, spec.name)
             for p in range(spec.partitions):
@@ -223,6 +263,10 @@ class Publisher:
                 self._produce(topic, p, payload, rows=0)
         self.flush(timeout)
         self.stats.committed_version = version
+        committed = self._committed_versions()
+        for spec in specs:
+            committed[spec.name] = version
+        self._committed_source = "this publisher"
         self._max_published_version = version
         log.info("committed version %d on %d table(s)", version, len(specs))
 
@@ -296,16 +340,30 @@ class Publisher:
                 f"unknown table {table!r}; this publisher knows {sorted(self.tables)}"
             ) from None
 
-    def _check_version(self, version: Any, *, what: str) -> None:
-        if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
-            raise VersionError(f"{what}: version must be an integer, got {type(version).__name__}")
-        if version <= 0:
-            raise VersionError(f"{what}: version must be > 0, got {version}")
-        committed = self.stats.committed_version
+    def _committed_versions(self) -> dict[str, int]:
+        if self._committed is None:
+            self._committed = read_committed_versions(
+                self.kafka_config, self.topic_prefix, self.tables.values(),
+                timeout=self.learn_timeout,
+            )  # fmt: skip
+            self._committed_source = "the commit markers on the stream"
+            if self._committed:
+                log.info(
+                    "learned the committed versions from the stream: %s; publishing continues "
+                    "above them", self._committed,
+                )  # fmt: skip
+                self.stats.committed_version = max(self._committed.values())
+        return self._committed
+
+    def _check_above_committed(self, table: str, version: int, *, what: str) -> None:
+        committed = self._committed_versions().get(table)
         if committed is not None and version <= committed:
             raise VersionError(
-                f"{what}: version {version} is not newer than the committed version {committed}; "
-                "versions must grow (use the training step)"
+                f"{what}: version {version} of table {table!r} is not newer than the committed "
+                f"version {committed} (from {self._committed_source}); every tier would drop these "
+                f"rows as older. Continue the numbering above it: a restarted trainer starts at "
+                f"pub.committed_version({table!r}) + 1. To start a new numbering on purpose, "
+                "pass learn_committed=False (rows below what a tier holds are still dropped)"
             )
 
     def _next_seq(self) -> int:
@@ -341,6 +399,13 @@ class Publisher:
         self.stats.failed += 1
         with self._lock:
             self._errors.append(f"{msg.topic()}[{msg.partition()}]: {err.str()}")
+
+
+def _check_version_type(version: Any, *, what: str) -> None:
+    if isinstance(version, bool) or not isinstance(version, (int, np.integer)):
+        raise VersionError(f"{what}: version must be an integer, got {type(version).__name__}")
+    if version <= 0:
+        raise VersionError(f"{what}: version must be > 0, got {version}")
 
 
 def _as_keys(keys: Any) -> np.ndarray:

@@ -7,7 +7,8 @@ import uuid
 
 import numpy as np
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from streamhps import (
     Publisher,
@@ -187,12 +188,95 @@ def test_commit_below_published_version_is_refused(offline_pub) -> None:
         offline_pub.commit(8)
 
 
+def test_unreachable_broker_while_learning_the_committed_version_says_what_to_do() -> None:
+    pub = Publisher(f"127.0.0.1:{free_port()}", [USER], "x", learn_timeout=1.0)
+    with pytest.raises(PublishError, match="last_committed_version=.*learn_committed=False"):
+        pub.publish("user", *ok(), version=1)
+    assert pub.stats.messages == 0
+
+
+def test_committed_version_given_per_table_is_not_read_from_the_stream() -> None:
+    pub = Publisher(
+        f"127.0.0.1:{free_port()}", [USER, ITEM], "x", last_committed_version={"user": 7}
+    )
+    assert pub.committed_version("user") == 7 and pub.committed_version("item") is None
+    with pytest.raises(VersionError, match=r"committed_version\('user'\) \+ 1"):
+        pub.publish("user", *ok(), version=7)
+    with pytest.raises(UnknownTableError):
+        pub.committed_version("users")
+    assert pub.stats.messages == 0
+
+
+# ---------------------------------------------------------------- a restarted trainer
+
+
+@pytest.mark.integration
+def test_restarted_publisher_learns_the_committed_versions_and_refuses_lower(
+    bootstrap: str, prefix: str
+) -> None:
+    """A new Publisher (a restarted trainer) learns each table's highest committed version from
+    the markers, even behind rows of an unfinished version and poison, and refuses lower ones."""
+    with Publisher(bootstrap, [USER, ITEM], prefix) as pub:
+        assert pub.committed_version("user") is None  # topics not created yet: nothing committed
+        pub.create_topics()
+        for v in (3, 5):
+            pub.publish("user", *ok(50), version=v)
+            pub.commit(v)
+        pub.publish("item", *ok(50, dim=16, dtype="float16"), version=6)
+        pub.commit(6, tables=["item"])
+        assert pub.committed_version("user") == 5 and pub.committed_version("item") == 6
+    # The run crashes after publishing rows of version 7 in many small messages (longer than
+    # the first window read back from each partition), before committing them.
+    with Publisher(bootstrap, [USER], prefix, max_message_bytes=2000) as pub:
+        pub.publish("user", *ok(1000), version=7)
+        assert pub.stats.messages > 4 * (16 + 64)  # past the second window too
+    raw = Producer({"bootstrap.servers": bootstrap})
+    raw.produce(f"{prefix}.user", b"garbage at the tail", partition=0)
+    assert raw.flush(10) == 0
+
+    pub = Publisher(bootstrap, [USER, ITEM], prefix)
+    assert pub.committed_version("user") == 5
+    assert pub.committed_version("item") == 6
+    for v in (1, 5):
+        with pytest.raises(VersionError) as ei:
+            pub.publish("user", *ok(), version=v)
+        msg = str(ei.value)
+        assert "committed version 5" in msg and "committed_version('user') + 1" in msg
+    with pytest.raises(VersionError, match="committed version 6"):
+        pub.commit(6)
+    assert pub.stats.messages == 0
+    pub.publish("user", *ok(), version=7)
+    pub.commit(7)
+    assert pub.committed_version("user") == pub.committed_version("item") == 7
+    pub.close()
+    assert Publisher(bootstrap, [USER], prefix).committed_version("user") == 7
+
+
+@pytest.mark.integration
+def test_learning_never_creates_topics_and_can_be_switched_off(bootstrap: str, prefix: str) -> None:
+    pub = Publisher(bootstrap, [USER], prefix)
+    assert pub.committed_version("user") is None
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    assert not [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix)]
+    pub.create_topics()
+    pub.publish("user", *ok(), version=9)
+    pub.commit(9)
+    pub.close()
+    fresh = Publisher(bootstrap, [USER], prefix, learn_committed=False)
+    assert fresh.committed_version("user") is None
+    fresh.publish("user", *ok(), version=2)  # a new numbering, on purpose
+    fresh.commit(2)
+    fresh.close()
+
+
 # ---------------------------------------------------------------- delivery failures
 
 
 def test_dead_broker_fails_within_message_timeout() -> None:
     """Pointed at nothing, the publisher must fail, never report success (HugeCTR's does)."""
-    pub = Publisher(f"127.0.0.1:{free_port()}", [USER], "x", {"message.timeout.ms": 1500})
+    pub = Publisher(
+        f"127.0.0.1:{free_port()}", [USER], "x", {"message.timeout.ms": 1500}, learn_committed=False
+    )
     pub.publish("user", *ok(10), version=1)
     t0 = time.monotonic()
     with pytest.raises(PublishError, match="not acknowledged|unacknowledged"):
@@ -206,9 +290,15 @@ def test_dead_broker_fails_within_message_timeout() -> None:
 def test_dead_broker_with_block_raises() -> None:
     with (
         pytest.raises(PublishError),
-        Publisher(f"127.0.0.1:{free_port()}", [USER], "x", {"message.timeout.ms": 1000}) as pub,
+        Publisher(
+            f"127.0.0.1:{free_port()}",
+            [USER],
+            "x",
+            {"message.timeout.ms": 1000},
+            learn_committed=False,
+        ) as pub,
     ):
-        pub.publish("user", *ok(), version=1)
+        pub.publish("user", *ok(), version=1)  # fmt: skip
 
 
 @pytest.mark.integration

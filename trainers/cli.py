@@ -48,6 +48,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         TimeElapsedColumn(),
     ]  # fmt: skip
     with trainer, Progress(*columns, console=console, transient=False) as progress:
+        first = trainer.stats.step  # above 0 when resuming after an earlier run's commits
+        if first:
+            progress.console.print(f"resuming after version {first}, committed by an earlier run")
         task = progress.add_task(
             "train", total=total, loss=float("nan"), auc=float("nan"), version=0, rows=0
         )
@@ -56,7 +59,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             s = tr.stats
             progress.update(
                 task,
-                completed=s.step,
+                completed=s.step - first,
                 loss=s.loss_ewma,
                 auc=s.auc_ewma,
                 version=s.last_version,

@@ -6,6 +6,9 @@
     with trainer:
         trainer.run(steps=2000)        # train, publish changed rows + commit + dense every N steps
 
+A restarted trainer resumes the numbering: entering the trainer moves its step up to the
+highest version committed on the stream (:meth:`OnlineTrainer.resume`).
+
 Every ``publish_every`` steps the trainer publishes only the embedding rows touched since the
 last publish (``np.unique`` of the ids seen), at ``version = step``, then ``commit(step)``,
 then (every ``dense_every`` commits) the dense part. Run it as ``streamhps train --config PATH``
@@ -174,7 +177,23 @@ class OnlineTrainer:
     def __enter__(self) -> OnlineTrainer:
         if self._publisher is not None:
             self._publisher.create_topics()
+            self.resume()
         return self
+
+    def resume(self) -> int:
+        """Continue the version numbering of a previous run: the step (= version) moves up to the
+        highest version committed on the stream, so the next publish is newer than anything a
+        tier holds. The model itself starts from its seed. Returns the step."""
+        if self._publisher is None:
+            return self.stats.step
+        committed = [
+            self._publisher.committed_version(t) for t in (self.user_table, self.item_table)
+        ]
+        last = max((v for v in committed if v is not None), default=0)
+        if last > self.stats.step:
+            log.info("resuming after version %d, committed on the stream by an earlier run", last)
+            self.stats.step = self.stats.last_version = last
+        return self.stats.step
 
     def __exit__(self, *exc: Any) -> None:
         self.close()

@@ -168,6 +168,25 @@ def test_trainer_publishes_only_touched_rows_then_commits_and_dense(
 
 
 @pytest.mark.integration
+def test_a_restarted_trainer_resumes_above_the_committed_version(
+    bootstrap: str, prefix: str
+) -> None:
+    """A trainer restarted at step 0 would publish versions every tier drops as older: it
+    resumes above the version committed on the stream instead."""
+    cfg = Config(tables=TABLES, topic_prefix=prefix, kafka={"bootstrap.servers": bootstrap})
+    with OnlineTrainer(cfg, publish_every=10) as tr:
+        tr.run(steps=20)
+    assert tr.stats.last_version == 20
+    with OnlineTrainer(cfg, publish_every=10) as again:
+        assert again.stats.step == 20
+        again.run(steps=10)
+    assert again.stats.last_version == 30 and again.stats.commits == 1
+    msgs = _consume_all(bootstrap, {f"{prefix}.user": 2})
+    assert sorted({m.version for m in msgs if m.is_marker}) == [10, 20, 30]
+    assert sorted({m.version for m in msgs if m.kind == "UPDATE"}) == [10, 20, 30]
+
+
+@pytest.mark.integration
 @pytest.mark.slow
 def test_train_cli_exits_cleanly_on_sigterm(bootstrap: str, prefix: str, tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
