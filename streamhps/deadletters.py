@@ -7,7 +7,11 @@ bytes and carries the headers (``schemas/README.md``):
 
 * ``reason``: a :class:`~streamhps.validation.Reason` value;
 * ``detail``: what exactly was wrong, for the operator (at most 1000 bytes);
-* ``source_topic``, ``source_partition``, ``source_offset``: where the message was.
+* ``source_topic``, ``source_partition``, ``source_offset``: where the message was;
+* ``value_truncated_from``: only on the dead letter of a message larger than the writer may
+  send (``oversized``): its value is cut to that size, this header holds the original length,
+  and the whole message is still at its source coordinates. Refusing to cut it would stall
+  the partition behind a dead letter the broker never takes.
 
 :meth:`DeadLetterWriter.send` returns only once the broker acknowledged every dead letter, so
 the caller may then commit the offsets past them: a crash never loses a bad message.
@@ -56,8 +60,11 @@ class DeadLetterWriter:
         attempts: int = 3,
         flush_timeout_s: float = 15.0,
         on_failure: Callable[[], None] | None = None,
+        max_value_bytes: int | None = None,
     ) -> None:
         self._producer = producer
+        # room for the key and the headers inside the producer's message.max.bytes
+        self.max_value_bytes = None if max_value_bytes is None else max(0, max_value_bytes - 8192)
         self.attempts = attempts
         self.flush_timeout_s = flush_timeout_s
         self._on_failure = on_failure
@@ -106,12 +113,20 @@ class DeadLetterWriter:
                 self._errors.append(f"{topic}: {err.str()}")
                 failed.append(item)
 
+        value = m.value()
+        headers = dead_letter_headers(m, rejected)
+        if (
+            value is not None
+            and self.max_value_bytes is not None
+            and len(value) > self.max_value_bytes
+        ):
+            headers.append(("value_truncated_from", str(len(value)).encode()))
+            value = value[: self.max_value_bytes]
         while True:
             try:
                 self._producer.produce(
-                    topic, m.value(), key=m.key(), headers=dead_letter_headers(m, rejected),
-                    on_delivery=on_delivery,
-                )  # fmt: skip
+                    topic, value, key=m.key(), headers=headers, on_delivery=on_delivery
+                )
                 return
             except BufferError:
                 self._producer.poll(0.05)

@@ -102,6 +102,12 @@ def client_config(
     return {**defaults, **mine, **fixed, **dict(overrides or {})}
 
 
+def max_message_bytes(kafka_config: Mapping[str, Any]) -> int:
+    """The largest message the deployment's producers may send (``message.max.bytes``): a
+    consumed message above it was not written by a streamhps publisher and is refused."""
+    return int(kafka_config.get("message.max.bytes", PRODUCER_DEFAULTS["message.max.bytes"]))
+
+
 def make_producer(
     kafka_config: Mapping[str, Any],
     *,
@@ -135,4 +141,5 @@ __all__ = [
     "make_admin",
     "make_consumer",
     "make_producer",
+    "max_message_bytes",
 ]

@@ -8,7 +8,8 @@
     else:
         ...  # verdict is the decoded wire.Message
 
-The checks, in order (the first that fails names the reason): the bytes decode
+The checks, in order (the first that fails names the reason): the message is no larger than
+the deployment's ``message.max.bytes`` (``oversized``), the bytes decode
 (``undecodable``, ``schema_version``), the kind fits the topic (``unexpected_kind``), the
 table is the topic's (``wrong_table``, ``unknown_table``), the version is positive
 (``version_not_positive``), the rows fit the table (``wrong_dim``, ``wrong_dtype``,
@@ -38,6 +39,7 @@ from streamhps.partitioning import partition_of
 class Reason(StrEnum):
     """Why a message was rejected; the value is the DLQ ``reason`` header (schemas/README.md)."""
 
+    OVERSIZED = "oversized"  # larger than the deployment's producers may send
     UNDECODABLE = "undecodable"  # not a streamhps message (garbage, truncated, empty, tombstone)
     SCHEMA_VERSION = "schema_version"  # written with a schema this reader does not know
     UNEXPECTED_KIND = "unexpected_kind"  # DENSE on a table topic, or rows on the dense topic
@@ -107,13 +109,24 @@ def decode(value: bytes | None) -> wire.Message | Rejected:
 
 
 def check_table_message(
-    value: bytes | None, spec: TableSpec, partition: int, known_tables: Container[str]
+    value: bytes | None,
+    spec: TableSpec,
+    partition: int,
+    known_tables: Container[str],
+    max_bytes: int | None = None,
 ) -> wire.Message | Rejected:
     """Decode and check a message consumed from partition ``partition`` of ``spec``'s topic.
 
     ``known_tables``: the configured table names (a message naming one of them on another
-    table's topic is ``wrong_table``, any other name ``unknown_table``).
+    table's topic is ``wrong_table``, any other name ``unknown_table``). ``max_bytes``: the
+    deployment's ``message.max.bytes`` (:func:`streamhps.kafka.max_message_bytes`); a larger
+    message is ``oversized`` (a raw producer with a raised limit wrote it).
     """
+    if max_bytes is not None and value is not None and len(value) > max_bytes:
+        return Rejected(
+            Reason.OVERSIZED,
+            f"{len(value)} bytes, over the deployment's message.max.bytes {max_bytes}",
+        )
     msg = decode(value)
     if isinstance(msg, Rejected):
         return msg

@@ -114,6 +114,14 @@ def test_each_message_gets_its_reason(partition: int, value: bytes, reason: Reas
 CONFIG_TABLES = {t.name for t in CONFIG.tables}
 
 
+def test_a_message_over_the_deployment_limit_is_oversized_before_it_is_decoded() -> None:
+    good = next(v for _, v, r in _corpus() if r is None)
+    assert isinstance(check_table_message(good, USER, 0, CONFIG_TABLES, len(good)), wire.Message)
+    got = check_table_message(good, USER, 0, CONFIG_TABLES, len(good) - 1)
+    assert isinstance(got, Rejected) and got.reason is Reason.OVERSIZED
+    assert f"{len(good)} bytes" in got.detail and str(len(good) - 1) in got.detail
+
+
 def test_dense_topic_checks() -> None:
     dense = wire.encode_dense({"w": np.ones(3, np.float32)}, 2)
     assert isinstance(check_dense_message(dense), wire.Message)

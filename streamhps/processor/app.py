@@ -50,7 +50,7 @@ from confluent_kafka import (
 from streamhps.config import Config, TableSpec, dlq_topic
 from streamhps.deadletters import DeadLetterWriter
 from streamhps.errors import StreamHPSError
-from streamhps.kafka import make_admin, make_consumer, make_producer
+from streamhps.kafka import make_admin, make_consumer, make_producer, max_message_bytes
 from streamhps.store import LmdbStore, WriteBatch
 from streamhps.topics import ensure_topics
 from streamhps.validation import Rejected, check_table_message
@@ -106,6 +106,7 @@ class Processor:
         self._specs = {t.name: t for t in config.tables}
         self._topic_table = {config.topic(t.name): t for t in config.tables}
         self._held = {t.name: shard_partitions(t, shard) for t in config.tables}
+        self._max_bytes = max_message_bytes(config.kafka)
         self._position: dict[tuple[str, int], int] = {}
         self._known_ids: dict[str, str | None] = {}
         self._warned: dict[str, float] = {}
@@ -144,7 +145,9 @@ class Processor:
             self._producer = make_producer(
                 kafka, overrides={"enable.idempotence": True, "acks": "all"}
             )
-            self._dead_letters = DeadLetterWriter(self._producer, on_failure=self._ensure_topics)
+            self._dead_letters = DeadLetterWriter(
+                self._producer, on_failure=self._ensure_topics, max_value_bytes=self._max_bytes
+            )
             self._assign()
             self._loop()
         finally:
@@ -346,7 +349,7 @@ class Processor:
                 continue
             batch.offsets[(topic, p)] = off + 1
             self._position[(topic, p)] = off + 1
-            msg = check_table_message(m.value(), spec, p, self._specs)
+            msg = check_table_message(m.value(), spec, p, self._specs, self._max_bytes)
             if isinstance(msg, Rejected):
                 dlq.append((m, msg))
                 batch.dlq[spec.name] = batch.dlq.get(spec.name, 0) + 1

@@ -65,7 +65,7 @@ from streamhps.errors import (
     UnknownTableError,
     ValidationError,
 )
-from streamhps.kafka import make_admin, make_consumer
+from streamhps.kafka import make_admin, make_consumer, max_message_bytes
 from streamhps.partitioning import partition_of
 from streamhps.placement import Placement
 from streamhps.store.shards import StorePaths, open_stores, store_dirs
@@ -308,6 +308,7 @@ class InferenceWorker:
             self._consumer.assign(assignment)
             self._ingest = Ingestor(
                 self._consumer, self._tables, dense_topic(self.config.topic_prefix), self._tracker, self._store, batch_messages=self.batch_messages,
+                max_message_bytes=max_message_bytes(self.config.kafka),
             )  # fmt: skip
             self._ingest.dense_callbacks = self._dense_callbacks
             self._ingest.context = self._on_device

@@ -149,8 +149,10 @@ class Ingestor:
         batch_messages: int = BATCH_MESSAGES,
         poll_timeout_s: float = POLL_TIMEOUT_S,
         store_refresh_s: float = 0.05,
+        max_message_bytes: int | None = None,
     ) -> None:
         self.consumer = consumer
+        self.max_message_bytes = max_message_bytes  # larger messages are refused (oversized)
         self.tables = tables
         self._by_topic = {st.topic: st for st in tables.values()}
         self.dense_topic = dense_topic
@@ -291,7 +293,7 @@ class Ingestor:
             c.messages += 1
             st.messages += 1
             c.bytes += len(value) if value is not None else 0
-            dec = check_table_message(value, st.spec, part, self.tables)
+            dec = check_table_message(value, st.spec, part, self.tables, self.max_message_bytes)
             if isinstance(dec, Rejected):
                 self._reject(m, dec)
                 continue
