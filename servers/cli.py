@@ -38,6 +38,14 @@ def register(sub: Any) -> None:
         "a directory whose sub-directories are their stores (single and sparse roles)",
     )
     s.add_argument(
+        "--store-wait",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="wait this long for the processor to create a store that does not exist yet, "
+        "logging progress (default 60; 0: fail at once)",
+    )
+    s.add_argument(
         "--placement", default=None, help="placement file from `streamhps plan` (sparse, main)"
     )
     s.add_argument("--shard", type=int, default=None, help="this sparse shard's number (sparse)")
@@ -121,6 +129,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             placement=args.placement if sparse else None,
             shard=args.shard if sparse else None,
             follow_dense=not sparse,
+            store_wait_s=args.store_wait,
         )
         owned = "; ".join(f"{t} {ps}" for t, ps in worker.owned.items() if ps)
         what = f"sparse shard {args.shard} (partitions {owned})" if sparse else "single worker"

@@ -122,12 +122,63 @@ def _acquire_env(p: Path, readonly: bool, **opts: Any) -> lmdb.Environment:
                 create=not readonly, **opts,
             )  # fmt: skip
         except lmdb.Error as e:
-            raise StoreError(f"cannot open LMDB store at {p}: {e}") from e
+            raise StoreError(_open_error(p, e)) from e
+        short = _missing_bytes(env, p)
+        if short:
+            env.close()
+            raise StoreError(
+                f"{p / 'data.mdb'} is truncated: its pages end {short} bytes short of what its "
+                "header says it holds (a partial copy, or a full disk). Restore the store from a "
+                "snapshot (streamhps snapshot), or move the directory away and let the processor "
+                "rebuild it from the stream (it replays what the brokers still retain)"
+            )
         cleared = env.reader_check()
         if cleared:
             log.warning("cleared %d stale LMDB reader slot(s) of dead processes in %s", cleared, p)
         _ENVS[key] = [env, 1, readonly]
         return env
+
+
+_DAMAGED = (
+    lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.VersionMismatchError,
+    lmdb.BadRslotError, lmdb.PanicError,
+)  # fmt: skip
+
+
+def _missing_bytes(env: lmdb.Environment, p: Path) -> int:
+    """How many bytes ``data.mdb`` lacks of the pages its meta page counts (0: complete). A
+    read of a page past the end of the memory map kills the process with SIGBUS, so this is
+    checked before any read."""
+    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    try:
+        have = os.path.getsize(p / "data.mdb")
+    except OSError:
+        return 0
+    return max(0, needed - have)
+
+
+def _open_error(p: Path, e: lmdb.Error) -> str:
+    """What went wrong opening the store at ``p``, and what the operator can do about it."""
+    text = str(e).replace("\n", " ").strip()
+    try:
+        tiny = (p / "data.mdb").stat().st_size < 2 * 4096  # not even the two meta pages
+    except OSError:
+        tiny = False
+    if isinstance(e, _DAMAGED) or tiny:
+        return (
+            f"{p / 'data.mdb'} is not a usable LMDB file ({text}): it is truncated or corrupted. "
+            "Restore the store from a snapshot (streamhps snapshot), or move the directory "
+            "away and let the processor rebuild it from the stream (it replays what the "
+            "brokers still retain)"
+        )
+    if isinstance(e, lmdb.ReadonlyError) or "ermission denied" in text or "ead-only" in text:
+        return (
+            f"cannot open the LMDB store at {p} ({text}): every process, readers too, "
+            f"registers in {p / 'lock.mdb'}, so the directory (or an existing lock.mdb) must "
+            "be writable by this user. On a read-only volume, copy a snapshot (streamhps "
+            "snapshot) to a writable directory and serve that"
+        )
+    return f"cannot open the LMDB store at {p}: {text}"
 
 
 def _release_env(p: Path) -> None:
@@ -229,15 +280,28 @@ class LmdbStore(StoreWriter):
             map_async=map_async, max_readers=max_readers,
         )  # fmt: skip
         store = cls(env, p, readonly)
-        if not readonly:
-            with env.begin(write=True) as txn:
-                for name in (_META, _OFFSETS, _APPLIED):
-                    store._dbs[name] = env.open_db(name, txn=txn)
-                fmt = txn.get(b"format", db=store._dbs[_META])
-                if fmt is None:
-                    txn.put(b"format", FORMAT, db=store._dbs[_META])
-                elif fmt != FORMAT:
-                    raise StoreError(f"{p} has store format {fmt!r}; this build writes {FORMAT!r}")
+        try:
+            if not readonly:
+                with env.begin(write=True) as txn:
+                    for name in (_META, _OFFSETS, _APPLIED):
+                        store._dbs[name] = env.open_db(name, txn=txn)
+                    fmt = txn.get(b"format", db=store._dbs[_META])
+                    if fmt is None:
+                        txn.put(b"format", FORMAT, db=store._dbs[_META])
+                    elif fmt != FORMAT:
+                        raise StoreError(
+                            f"{p} has store format {fmt!r}; this build writes {FORMAT!r}"
+                        )
+            # Read what every user reads first: damage past the header shows up here, not as a
+            # traceback in the middle of serving.
+            store.tables()
+            store.offsets()
+        except lmdb.Error as e:
+            store.close()
+            raise StoreError(_open_error(p, e)) from e
+        except BaseException:
+            store.close()
+            raise
         return store
 
     def close(self) -> None:

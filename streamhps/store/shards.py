@@ -20,6 +20,7 @@ holders are looked up again at most every ``resolve_interval_s``.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -35,7 +36,43 @@ from streamhps.partitioning import partition_of
 from streamhps.store.base import StoreReader
 from streamhps.store.lmdb_store import LmdbStore
 
+log = logging.getLogger(__name__)
+
 StorePaths = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
+def wait_for_stores(paths: StorePaths, timeout: float, *, progress_every: float = 5.0) -> bool:
+    """Wait up to ``timeout`` seconds until every store ``paths`` names exists (a processor
+    creates it on its first start), logging progress; returns whether they all do. A worker
+    started beside its processor uses this rather than failing at once."""
+    start = time.monotonic()
+    next_log = start
+    while True:
+        missing = [str(d) for d in store_dirs(paths) if not _has_tables(d)]
+        if not missing:
+            return True
+        now = time.monotonic()
+        if now - start >= timeout:
+            log.warning("no store at %s after %.0f s of waiting", ", ".join(missing), timeout)
+            return False
+        if now >= next_log:
+            log.info(
+                "waiting for the processor to create the store at %s (%.0f s of %.0f s)",
+                ", ".join(missing), now - start, timeout,
+            )  # fmt: skip
+            next_log = now + progress_every
+        time.sleep(0.1)
+
+
+def _has_tables(d: Path) -> bool:
+    """The processor has created the store at ``d`` and its tables (it does both at start)."""
+    if not (d / "data.mdb").exists():
+        return False
+    try:
+        with LmdbStore.open(d, readonly=True) as st:
+            return bool(st.tables())
+    except StoreError:
+        return False  # still being created; a damaged one is reported by the open after
 
 
 def store_dirs(paths: StorePaths) -> list[Path]:

@@ -68,7 +68,7 @@ from streamhps.errors import (
 from streamhps.kafka import make_admin, make_consumer, max_message_bytes
 from streamhps.partitioning import partition_of
 from streamhps.placement import Placement
-from streamhps.store.shards import StorePaths, open_stores, store_dirs
+from streamhps.store.shards import StorePaths, open_stores, store_dirs, wait_for_stores
 from streamhps.topics import ensure_topics, planned_topics
 from streamhps.worker.ingest import DenseCallback, Fill, Ingestor, TableState, row_quantiles
 from streamhps.worker.missing import fill_missing
@@ -125,11 +125,15 @@ class InferenceWorker:
         probe_interval_s: float | None = None,
         batch_messages: int = 1024,
         kafka_config: Mapping[str, Any] | None = None,
+        store_wait_s: float = 0.0,
     ) -> None:
         m = _DEVICE_RE.match(device) if isinstance(device, str) else None
         if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         self.config = config
+        self._store_arg = store
+        # seconds start() waits for a store the processor has not created yet (progress logged)
+        self.store_wait_s = store_wait_s
         self.store_paths = [os.fspath(p) for p in store_dirs(store)]
         self.store_path = ", ".join(self.store_paths)
         self.device = device
@@ -244,6 +248,9 @@ class InferenceWorker:
             import cupy
 
             self._xp = cupy
+        if self.store_wait_s > 0 and wait_for_stores(self._store_arg, self.store_wait_s):
+            self.store_paths = [os.fspath(p) for p in store_dirs(self._store_arg)]
+            self.store_path = ", ".join(self.store_paths)
         self._store = open_stores(self.store_paths)
         on_device = contextlib.ExitStack()
         on_device.enter_context(self._on_device())  # caches and warm-up on this worker's GPU
@@ -373,7 +380,8 @@ class InferenceWorker:
                 raise ConfigError(
                     f"table {spec.name!r}: the config says dim={spec.dim} dtype={spec.dtype} "
                     f"partitions={spec.partitions} but store {self.store_path} holds dim={old.dim} "
-                    f"dtype={old.dtype} partitions={old.partitions}"
+                    f"dtype={old.dtype} partitions={old.partitions}. Serve the store written "
+                    "for this config (--store), or give the table the store's shape"
                 )
             owned = self.owned.get(spec.name, [])
             if old is not None and owned:
