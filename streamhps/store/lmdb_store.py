@@ -733,11 +733,16 @@ class LmdbStore(StoreWriter):
         o.mkdir(mode=0o700, parents=True, exist_ok=True)
         if any(o.iterdir()):
             raise StoreError(f"snapshot target {o} is not empty")
+        # Created 0600 before a byte is written (never readable by others, whatever the umask).
+        fd = os.open(o / "data.mdb", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            self._env.copy(str(o), compact=True)
+            os.fchmod(fd, 0o600)
+            self._env.copyfd(fd, compact=True)
+            os.fsync(fd)
         except lmdb.Error as e:
             raise StoreError(f"snapshot of {self.path} to {o} failed: {e}") from e
-        os.chmod(o / "data.mdb", 0o600)
+        finally:
+            os.close(fd)
         return o
 
 
