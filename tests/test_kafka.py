@@ -16,7 +16,7 @@ from streamhps.kafka import (
     PRODUCER_ONLY,
     client_config,
 )
-from streamhps.processor.app import Processor
+from streamhps.processor.loop import Processor
 from streamhps.store import LmdbStore
 from streamhps.topics import ensure_topics
 from streamhps.worker import InferenceWorker

@@ -14,7 +14,7 @@ from streamhps.cache import make_cache
 from streamhps.config import Config, ProcessorSettings, TableSpec
 from streamhps.deadletters import DeadLetterWriter
 from streamhps.partitioning import partition_of
-from streamhps.processor.app import Processor
+from streamhps.processor.loop import Processor
 from streamhps.store import LmdbStore
 from streamhps.testing import FakeMessage
 from streamhps.validation import (

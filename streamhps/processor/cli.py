@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import threading
 from typing import Any
 
 
@@ -17,6 +15,17 @@ def register(sub: Any) -> None:
         "--shard",
         default="0/1",
         help="I/N: own partitions p %% N == I of every table (default 0/1)",
+    )
+    p.add_argument(
+        "--web-host",
+        default="127.0.0.1",
+        help="address of the faust web server (/metrics, /healthz); default loopback only",
+    )
+    p.add_argument(
+        "--web-port",
+        type=int,
+        default=0,
+        help="port of the faust web server; 0 (default): a free port, printed at start",
     )
     p.set_defaults(func=_cmd_processor)
 
@@ -48,38 +57,30 @@ def _parse_shard(text: str) -> tuple[int, int]:
 def _cmd_processor(args: argparse.Namespace) -> int:
     from streamhps.cli import console
     from streamhps.config import Config
-    from streamhps.processor import Processor
+    from streamhps.processor.service import ProcessorApp, run_worker
 
     cfg = Config.load(args.config)
-    proc = Processor(cfg, args.store, shard=_parse_shard(args.shard))
-    got: dict[str, int] = {}
+    if not 0 <= args.web_port <= 65535:
+        from streamhps.errors import ConfigError
 
-    def handler(signum: int, _frame: Any) -> None:
-        got["sig"] = signum
-        proc.stop()
+        raise ConfigError(f"--web-port must be 0..65535 (0: any free port), got {args.web_port}")
+    papp = ProcessorApp(
+        cfg, args.store, shard=_parse_shard(args.shard), web_host=args.web_host,
+        web_port=args.web_port,
+    )  # fmt: skip
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    console.print(
-        f"[green]processor[/] shard {args.shard} of [bold]{cfg.topic_prefix}[/] "
-        f"({', '.join(t.name for t in cfg.tables)}) -> {args.store}; SIGTERM/Ctrl-C to stop"
-    )
-    err: dict[str, BaseException] = {}
+    def ready(p: ProcessorApp) -> None:
+        addr = p.web_address
+        web = f"http://{addr[0]}:{addr[1]}" if addr else "(web server address unknown)"
+        console.print(
+            f"[green]processor[/] shard {args.shard} of [bold]{cfg.topic_prefix}[/] "
+            f"({', '.join(t.name for t in cfg.tables)}) -> {args.store}; "
+            f"metrics at {web}/metrics; SIGTERM/Ctrl-C to stop",
+            soft_wrap=True,
+        )
 
-    def run() -> None:
-        try:
-            proc.run()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
-            err["e"] = e
-
-    t = threading.Thread(target=run, name="processor")
-    t.start()
-    while t.is_alive():
-        t.join(0.2)
-    if "e" in err:
-        raise err["e"]
-    if "sig" in got:
-        console.print(f"received {signal.Signals(got['sig']).name}; stopped cleanly")
+    run_worker(papp, on_ready=ready)  # the faust worker: returns after SIGTERM/SIGINT
+    console.print("processor stopped cleanly")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,11 +41,11 @@ def make_config() -> Callable[..., Path]:
 
 @pytest.fixture
 def run_processor(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Start ``streamhps processor`` subprocesses; every one still running is stopped at the end."""
+    """Start ``streamhps processor`` subprocesses (``start_processor``'s keywords); every one still running is stopped at the end."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(config: Path, store: Path) -> subprocess.Popen[bytes]:
-        p = start_processor(config, store, log_path=tmp_path / "processor.log")
+    def start(config: Path, store: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
+        p = start_processor(config, store, log_path=tmp_path / "processor.log", **kwargs)
         procs.append(p)
         return p
 

@@ -95,6 +95,9 @@ def test_dependencies_wait_for_health_and_share_the_lmdb_volume() -> None:
         assert "healthcheck" in s[server]
         assert "/readyz" in " ".join(s[server]["healthcheck"]["test"])
     assert "healthcheck" in s["processor"]
+    proc = s["processor"]["command"]
+    port = proc[proc.index("--web-port") + 1]  # the faust worker's /healthz: the loop runs
+    assert f"127.0.0.1:{port}/healthz" in " ".join(s["processor"]["healthcheck"]["test"])
     store = s["processor"]["command"][s["processor"]["command"].index("--store") + 1]
     for name in ("processor", "server", "server-gpu"):
         assert "lmdb:/data" in s[name]["volumes"], name

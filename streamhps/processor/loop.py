@@ -1,4 +1,4 @@
-"""The stream processor: table topics -> compacted, versioned rows in LMDB.
+"""The processor's consumer loop: table topics -> compacted, versioned rows in LMDB.
 
 One loop, one thread::
 
@@ -15,11 +15,9 @@ anywhere replays only what LMDB does not hold, and versions make any replay harm
 No consumer-group membership means a restart after ``kill -9`` starts at once: there is no
 dead member whose session must time out first.
 
-Why not faust: faust seeks each assigned partition to its *Kafka*-committed offset after
-the ``on_partitions_assigned`` hook (``Consumer.perform_seek``) and acks/commits per event,
-so seeking to LMDB offsets races with its own seek, and a group rebalance after ``kill -9``
-waits for the session timeout. A confluent-kafka loop with ``assign`` does exactly what the
-invariants need (seek to stored offsets, batch commit in one txn) in ~300 lines.
+This loop is the data path and the only code that holds the invariants above;
+:mod:`.service` runs it inside a faust-streaming worker (process lifecycle, web views, progress
+timer) and says, with numbers, why it is not a faust agent.
 
 Broker history lost: the topic's broker id differs from the one stored beside the offsets
 (embedded broker restarted, topic recreated; checked at start and every ``history_check_s``),
@@ -313,8 +311,6 @@ class Processor:
         assert self._consumer is not None
         s = self.settings
         next_check = time.monotonic() + s.history_check_s
-        next_progress = time.monotonic() + s.progress_interval_s
-        last_rows, last_t = 0, time.monotonic()
         while not self._stop.is_set():
             msgs = self._consumer.consume(
                 num_messages=s.batch_max_messages, timeout=s.batch_max_seconds
@@ -325,14 +321,6 @@ class Processor:
             if now >= next_check:
                 self._check_history()
                 next_check = now + s.history_check_s
-            if now >= next_progress:
-                rate = (self.stats.rows_in - last_rows) / max(now - last_t, 1e-9)
-                log.info(
-                    "processor: %.0f rows/s in, %d rows written, %d messages, %d to DLQ, applied versions %s",
-                    rate, self.stats.rows_written, self.stats.messages, self.stats.dlq, self.stats.applied,
-                )  # fmt: skip
-                last_rows, last_t = self.stats.rows_in, now
-                next_progress = now + s.progress_interval_s
 
     def _process(self, msgs: list[Any]) -> None:
         assert self.store is not None and self._consumer is not None
