@@ -196,6 +196,14 @@ class ProcessorApp:
         )  # fmt: skip
 
 
+class ProcessorWorker(faust.Worker):
+    """faust's worker, closing its event loop without mode's extra second of sleep."""
+
+    async def _sentinel_task(self) -> None:
+        # mode sleeps 1 s here before closing the event loop; every service has stopped by then
+        await asyncio.sleep(0.05)
+
+
 def run_worker(processor_app: ProcessorApp, *, on_ready: Any = None) -> None:
     """Run the faust worker until SIGTERM/SIGINT; re-raise the consumer loop's error, if any.
 
@@ -210,7 +218,7 @@ def run_worker(processor_app: ProcessorApp, *, on_ready: Any = None) -> None:
             if processor_app.service.error is None:  # not when the loop already failed
                 on_ready(processor_app)
 
-    worker = faust.Worker(
+    worker = ProcessorWorker(
         app, quiet=True, override_logging=False, redirect_stdouts=False, loglevel=None
     )
     worker.spinner = None  # the CLI prints; a spinner would write terminal escapes into logs
