@@ -8,7 +8,9 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("processor", help="consume the table topics into the LMDB store")
+    p = sub.add_parser(
+        "processor", help="consume the table topics into the LMDB store (a faust worker)"
+    )
     p.add_argument("--config", default=None, help="config TOML (default $STREAMHPS_CONFIG)")
     p.add_argument("--store", required=True, help="LMDB store directory of this shard")
     p.add_argument(

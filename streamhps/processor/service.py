@@ -129,6 +129,8 @@ class ProcessorApp:
             web_host=web_host,
             web_port=web_port or free_port(web_host),
             web_in_thread=False,
+            web_router_enabled=False,  # key -> worker routing of faust tables: there are none
+            web_tables_enabled=False,
         )
         # faust's own consumer would join a group and seek to Kafka's offsets; the loop owns Kafka.
         self.app.boot_strategy = BootStrategy(self.app, enable_kafka=False, enable_sensors=False)

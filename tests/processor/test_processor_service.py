@@ -65,10 +65,13 @@ def test_two_shards_serve_metrics_on_loopback_and_stop_cleanly(
         assert int(shard.group(2)) == rows_in > 0
         assert re.search(r'applied_version\{shard="\d/2",table="user"\} 3', text), text
         assert _get(url + "/healthz") == (200, "ok\n")
+        assert _get(url + "/router/")[0] == 404  # faust's table views are off: no faust tables
     for proc in procs:
         assert stop_processor(proc) == 0  # SIGTERM: the worker stops the loop, exit 0
     assert log.read_text().count("processor stopped cleanly") == 2
-    assert not (Path.cwd() / "faust").exists() and (tmp_path / "s0" / "faust").is_dir()
+    # faust's data directory is inside each store, never faust's default "<app id>-data" in the CWD
+    assert (tmp_path / "s0" / "faust").is_dir() and (tmp_path / "s1" / "faust").is_dir()
+    assert not list(Path.cwd().glob(f"{prefix}*"))
 
 
 def test_a_loop_that_fails_stops_the_worker_with_its_error(
