@@ -117,7 +117,7 @@ class ProcessorApp:
         i, n = shard
         datadir = Path(store_dir) / "faust"
         try:  # faust creates its datadir (no parents) before the loop opens the store
-            datadir.parent.mkdir(parents=True, exist_ok=True)
+            datadir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # as LmdbStore.open
         except OSError as e:
             raise StoreError(f"cannot create the store directory {store_dir}: {e}") from None
         self.app = faust.App(

@@ -71,6 +71,7 @@ def test_two_shards_serve_metrics_on_loopback_and_stop_cleanly(
     assert log.read_text().count("processor stopped cleanly") == 2
     # faust's data directory is inside each store, never faust's default "<app id>-data" in the CWD
     assert (tmp_path / "s0" / "faust").is_dir() and (tmp_path / "s1" / "faust").is_dir()
+    assert (tmp_path / "s0").stat().st_mode & 0o777 == 0o700  # the store stays private
     assert not list(Path.cwd().glob(f"{prefix}*"))
 
 
