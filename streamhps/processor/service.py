@@ -29,11 +29,11 @@ prototype agent with ``perform_seek`` overridden resumed in 2.8 s, as a static m
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,7 +206,9 @@ class ProcessorWorker(faust.Worker):
         await asyncio.sleep(0.05)
 
 
-def run_worker(processor_app: ProcessorApp, *, on_ready: Any = None) -> None:
+def run_worker(
+    processor_app: ProcessorApp, *, on_ready: Callable[[ProcessorApp], None] | None = None
+) -> None:
     """Run the faust worker until SIGTERM/SIGINT; re-raise the consumer loop's error, if any.
 
     ``on_ready(processor_app)`` is called once the web server listens and the loop started.
@@ -226,8 +228,14 @@ def run_worker(processor_app: ProcessorApp, *, on_ready: Any = None) -> None:
         app, quiet=True, override_logging=False, redirect_stdouts=False, loglevel=None
     )
     worker.spinner = None  # the CLI prints; a spinner would write terminal escapes into logs
-    with contextlib.suppress(SystemExit):  # mode exits; the caller decides from the outcome
+    code: Any = 0
+    cause: BaseException | None = None
+    try:
         worker.execute_from_commandline()
-    err = processor_app.service.error
+    except SystemExit as e:  # mode exits; the caller decides from the outcome below
+        code, cause = e.code, e.__context__
+    err = processor_app.service.error or worker.crash_reason
     if err is not None:
         raise err
+    if code not in (0, None):  # faust itself failed (e.g. the web port is taken)
+        raise StreamHPSError(f"the processor's faust worker failed: {cause}") from cause

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -91,3 +92,19 @@ def test_a_loop_that_fails_stops_the_worker_with_its_error(
     said = " ".join(done.stderr.split())  # rich wraps lines
     assert "dim=16" in said and "holds dim=8" in said and "use a new --store directory" in said
     assert time.monotonic() - started < 30
+
+
+def test_a_taken_web_port_is_an_error_naming_it(bootstrap, prefix, tmp_path, make_config) -> None:
+    cfg = make_config(tmp_path / "c.toml", bootstrap, prefix)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "streamhps", "processor", "--config", str(cfg),
+             "--store", str(tmp_path / "store"), "--web-port", str(port)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "faust worker failed" in said and str(port) in said, said
