@@ -70,7 +70,14 @@ from streamhps.partitioning import partition_of
 from streamhps.placement import Placement
 from streamhps.store.shards import StorePaths, open_stores, store_dirs, wait_for_stores
 from streamhps.topics import ensure_topics, planned_topics
-from streamhps.worker.ingest import DenseCallback, Fill, Ingestor, TableState, row_quantiles
+from streamhps.worker.ingest import (
+    POLL_TIMEOUT_S,
+    DenseCallback,
+    Fill,
+    Ingestor,
+    TableState,
+    row_quantiles,
+)
 from streamhps.worker.missing import fill_missing
 from streamhps.worker.request import DeviceRequests, array_device, check_keys
 from streamhps.worker.staleness import LagTracker
@@ -103,6 +110,9 @@ class InferenceWorker:
     ``"cuda:N"`` (CuPy cache on GPU ``N``).
     ``probe_interval_s``: how often the broker is asked for the head of every partition
     (staleness resolution; default a tenth of ``max_staleness_s``, at most 0.1 s).
+    ``poll_timeout_s``: how long the ingest thread waits in one consume call while nothing
+    arrives (a message ends the wait at once); read-through fills and the store's offsets are
+    taken between calls, so it bounds how late they are on an idle stream.
     ``placement`` (a :class:`~streamhps.placement.Placement` or its file) and ``shard``: serve
     only that shard's partitions, with caches of the placement's ``cache_rows``; or
     ``partitions``: an explicit ``table -> partitions`` mapping. ``follow_dense=False``: do not
@@ -124,6 +134,7 @@ class InferenceWorker:
         warm_from_store: bool | None = None,
         probe_interval_s: float | None = None,
         batch_messages: int = 1024,
+        poll_timeout_s: float = POLL_TIMEOUT_S,
         kafka_config: Mapping[str, Any] | None = None,
         store_wait_s: float = 0.0,
     ) -> None:
@@ -160,6 +171,7 @@ class InferenceWorker:
         )
         self.probe_interval_s = probe_interval_s or min(0.1, self.max_staleness_s / 10)
         self.batch_messages = batch_messages
+        self.poll_timeout_s = poll_timeout_s
         self.kafka = {**config.kafka, **dict(kafka_config or {})}
         self._tables: dict[str, TableState] = {}
         self._store: Any = None
@@ -314,7 +326,7 @@ class InferenceWorker:
             self.assigned_at = time.perf_counter()
             self._consumer.assign(assignment)
             self._ingest = Ingestor(
-                self._consumer, self._tables, dense_topic(self.config.topic_prefix), self._tracker, self._store, batch_messages=self.batch_messages,
+                self._consumer, self._tables, dense_topic(self.config.topic_prefix), self._tracker, self._store, batch_messages=self.batch_messages, poll_timeout_s=self.poll_timeout_s,
                 max_message_bytes=max_message_bytes(self.config.kafka),
             )  # fmt: skip
             self._ingest.dense_callbacks = self._dense_callbacks

@@ -304,3 +304,23 @@ def test_dense_model_is_delivered(worker_env, tmp_path: Path) -> None:
         version, tensors = w.dense_model()  # type: ignore[misc]
         assert (tensors["w"] == 2).all() and tensors["b"].shape == (3,)
         assert seen == [1, 2]
+
+
+def test_head_probe_does_not_wait_for_the_ingest_threads_consumer(
+    worker_env, tmp_path: Path
+) -> None:
+    """confluent-kafka serialises calls on one Consumer across threads: a call from another
+    thread waits until the ingest thread is out of consume(). A head probe that asked the
+    worker's consumer for its cached watermark waited there (25 s on a loaded 2-core CI box,
+    never ready again). Here every consume call of the idle ingest thread waits 5 s: the probe
+    must make the worker ready regardless, and keep it ready across those waits."""
+    _, cfg, pub = worker_env()
+    keys = np.arange(100, dtype=np.int64)
+    pub.publish("user", keys, table_rows(keys, 1), version=1)
+    pub.commit(1)
+    store = empty_store(cfg, tmp_path / "store")
+    with InferenceWorker(cfg, store, poll_timeout_s=5.0) as w:
+        w.wait_ready(30)
+        time.sleep(1.0)  # inside a 5 s consume call now
+        w.wait_ready(3.0)
+        np.testing.assert_array_equal(w.lookup("user", keys), table_rows(keys, 1))
