@@ -43,15 +43,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hmac
 import logging
 import threading
 import time
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
 
 from servers.batching import DynamicBatcher
+from servers.connections import GuardedHTTPServer
 from servers.errors import HTTPError, lookup_errors
 from servers.history import StatusHistory
 from servers.metrics import LATENCY_BUCKETS, Histogram, render_metrics
@@ -98,6 +99,10 @@ class InferenceServer:
         max_queue_delay_ms: float = 1.0,
         batch_workers: int = 1,
         model_device: str | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        request_timeout_s: float = 30.0,
+        max_connections: int = 256,
+        auth_token: str | None = None,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
@@ -135,8 +140,16 @@ class InferenceServer:
         self.history = StatusHistory(self, history_seconds, sample_interval)
         self._started = time.time()
         self._stop = threading.Event()
-        self.httpd = ThreadingHTTPServer((host, port), RequestHandler)
-        self.httpd.daemon_threads = True
+        if max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {max_body_bytes}")
+        self.max_body_bytes = int(max_body_bytes)
+        if auth_token is not None and not auth_token.strip():
+            raise ValueError("auth_token is empty")
+        self._auth = f"Bearer {auth_token.strip()}".encode() if auth_token is not None else None
+        self.httpd = GuardedHTTPServer(
+            (host, port), RequestHandler, max_connections=max_connections,
+            request_timeout_s=request_timeout_s,
+        )  # fmt: skip
         self.httpd.app = self  # type: ignore[attr-defined]
         self._threads: list[threading.Thread] = []
         if role == "sparse":
@@ -147,6 +160,16 @@ class InferenceServer:
             self._on_dense(*current)
 
     # ------------------------------------------------------------------ lifecycle
+
+    def open_connections(self) -> int:
+        """Connections holding a handler thread now (at most ``max_connections``)."""
+        return self.httpd.open_connections()
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an ``Authorization`` header value carries the bearer token (or none is set)."""
+        if self._auth is None:
+            return True
+        return hmac.compare_digest((header or "").strip().encode(), self._auth)
 
     @property
     def port(self) -> int:

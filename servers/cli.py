@@ -13,8 +13,12 @@ Roles:
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
+from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def register(sub: Any) -> None:
@@ -81,12 +85,60 @@ def register(sub: Any) -> None:
         "--batch-workers", type=int, default=1, help="dynamic batching: batches run at once"
     )
     s.add_argument(
+        "--auth-token-file",
+        default=None,
+        metavar="PATH",
+        help="require 'Authorization: Bearer <token>' on every route but /healthz; the token is "
+        "this file's content (keep it 0600). A main shard sends it to its sparse shards too",
+    )
+    s.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=64 << 20,
+        help="larger request bodies are refused with 413 before they are read (default 64 MiB)",
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a client has this long to send a whole request (and an idle keep-alive connection "
+        "to start its next one) before its connection is closed (default 30)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        default=256,
+        help="connections served at once (one thread each); more are answered 503 at once",
+    )
+    s.add_argument(
         "--ready-timeout",
         type=float,
         default=0.0,
         help="seconds to wait for readiness before serving (0: serve at once; /readyz tells)",
     )
     s.set_defaults(func=_cmd_serve)
+
+
+def read_token(path: str) -> str:
+    """The bearer token in ``path`` (surrounding whitespace dropped); ConfigError if unusable."""
+    import stat
+
+    from streamhps.errors import ConfigError
+
+    try:
+        text = Path(path).read_text()
+        mode = stat.S_IMODE(Path(path).stat().st_mode)
+    except OSError as e:
+        raise ConfigError(f"cannot read --auth-token-file {path}: {e.strerror}") from e
+    token = text.strip()
+    if not token:
+        raise ConfigError(f"--auth-token-file {path} is empty: put the token in it")
+    if any(c.isspace() for c in token):
+        raise ConfigError(f"--auth-token-file {path} holds more than one word: one token only")
+    if mode & 0o077:
+        log.warning("%s is readable by other users (mode %o): chmod 600 it", path, mode)
+    return token
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -110,13 +162,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from streamhps.config import Config
 
     _check_args(args)
+    token = read_token(args.auth_token_file) if args.auth_token_file else None
     cfg = Config.load(args.config)
     worker: Any
     if args.role == "main":
         from streamhps.routing import ShardRouter
 
         urls = [u.strip() for u in args.shards.split(",") if u.strip()]
-        worker = ShardRouter(cfg, args.placement, urls)
+        worker = ShardRouter(cfg, args.placement, urls, token=token)
         what = f"main over {len(urls)} sparse shards ({', '.join(urls)})"
     else:
         from streamhps.worker import InferenceWorker
@@ -144,6 +197,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             batch_workers=args.batch_workers,
             # the main shard's model on --device; a worker's where its rows are
             model_device=args.device if args.role == "main" else None,
+            max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+            max_connections=args.max_connections, auth_token=token,
         )  # fmt: skip
         server.start()
         try:

@@ -69,6 +69,18 @@ class RequestHandler(BaseHTTPRequestHandler):
     def app(self) -> InferenceServer:
         return self.server.app  # type: ignore[attr-defined]
 
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout_s  # type: ignore[attr-defined,misc]
+        super().setup()
+
+    def handle_one_request(self) -> None:
+        # the whole request (line, headers, body) within the deadline: servers.connections
+        self.server.begin_reading(self.connection)  # type: ignore[attr-defined]
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.end_reading(self.connection)  # type: ignore[attr-defined]
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
 
@@ -100,6 +112,14 @@ class RequestHandler(BaseHTTPRequestHandler):
         query = parse_qs(url.query)
         try:
             body = self._read_body()
+            self.server.end_reading(self.connection)  # type: ignore[attr-defined]
+            if path != "/healthz" and not self.app.authorized(self.headers.get("Authorization")):
+                raise HTTPError(
+                    401,
+                    "this server needs 'Authorization: Bearer <token>' (it runs with "
+                    "--auth-token-file); give the client the token: InferenceClient(url, token=...)",
+                    "Unauthorized",
+                )
             if self.app.stopping:  # a keep-alive connection outliving stop()
                 self.close_connection = True
                 raise HTTPError(503, "the server is stopping", "NotReady")
@@ -116,6 +136,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         except HTTPError as e:
             self.app.count(errors=1)
             extra = {"Allow": ", ".join(ROUTES[path])} if e.status == 405 else {}
+            if e.status == 401:
+                extra = {"WWW-Authenticate": 'Bearer realm="streamhps"'}
             self._json(e.status, {"error": {"type": e.kind, "message": str(e)}}, extra)
         except StreamHPSError as e:
             self.app.count(errors=1)
@@ -128,6 +150,12 @@ class RequestHandler(BaseHTTPRequestHandler):
             )
 
     def _read_body(self) -> bytes:
+        """The body, refused before a byte of it is read if it is chunked or over the limit."""
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            raise HTTPError(
+                411, "chunked bodies are not taken: send Content-Length", "LengthRequired"
+            )
         n = self.headers.get("Content-Length")
         if not n:
             return b""
@@ -135,12 +163,25 @@ class RequestHandler(BaseHTTPRequestHandler):
             size = int(n)
         except ValueError:
             raise HTTPError(400, f"Content-Length {n!r} is not a number") from None
-        if size > MAX_BODY_BYTES:
+        if size < 0:
             self.close_connection = True
+            raise HTTPError(400, f"Content-Length {size} is negative")
+        limit = self.app.max_body_bytes
+        if size > limit:
+            self.close_connection = True
+            raise HTTPError(413, f"request body of {size} bytes is over the {limit}-byte limit")
+        try:
+            body = self.rfile.read(size)
+        except OSError:  # a read timed out: the client sends too slowly
+            self.close_connection = True
+            timeout = self.server.request_timeout_s  # type: ignore[attr-defined]
             raise HTTPError(
-                413, f"request body of {size} bytes is over the {MAX_BODY_BYTES}-byte limit"
-            )
-        return self.rfile.read(size)
+                408, f"the body was not sent within {timeout}s", "RequestTimeout"
+            ) from None
+        if len(body) < size:  # the client stopped sending, or was cut off at its deadline
+            self.close_connection = True
+            raise HTTPError(400, f"the body ended after {len(body)} of {size} bytes")
+        return body
 
     def _json_body(self, body: bytes) -> Any:
         ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()

@@ -67,9 +67,12 @@ _ERRORS: dict[str, type[StreamHPSError]] = {
 
 
 class InferenceClient:
-    """A thread-safe client (one keep-alive connection per thread)."""
+    """A thread-safe client (one keep-alive connection per thread).
 
-    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
+    ``token``: the bearer token of a server run with ``--auth-token-file`` (sent as
+    ``Authorization: Bearer <token>`` on every request)."""
+
+    def __init__(self, url: str, *, timeout: float = 30.0, token: str | None = None) -> None:
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"server url must look like http://host:port, got {url!r}")
@@ -78,6 +81,9 @@ class InferenceClient:
         self._host = parts.hostname
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self.timeout = timeout
+        if token is not None and (not token or any(c in token for c in "\r\n")):
+            raise ValueError("token must be a non-empty string on one line")
+        self._auth = {"Authorization": f"Bearer {token}"} if token else {}
         self._local = threading.local()
         # every thread's connection, so that close() reaches those of other threads too
         self._conns: set[http.client.HTTPConnection] = set()
@@ -275,7 +281,7 @@ class InferenceClient:
     def _request(
         self, method: str, path: str, body: bytes | None = None, ctype: str | None = None
     ) -> tuple[int, dict[str, str], bytes]:
-        headers = {"Content-Type": ctype} if ctype else {}
+        headers = {"Content-Type": ctype, **self._auth} if ctype else dict(self._auth)
         for attempt in (0, 1):  # one retry: a keep-alive connection the server closed meanwhile
             conn = self._conn()
             try:
@@ -327,8 +333,8 @@ class AsyncInferenceClient:
     concurrent calls use many keep-alive connections.
     """
 
-    def __init__(self, url: str, *, timeout: float = 30.0) -> None:
-        self._sync = InferenceClient(url, timeout=timeout)
+    def __init__(self, url: str, *, timeout: float = 30.0, token: str | None = None) -> None:
+        self._sync = InferenceClient(url, timeout=timeout, token=token)
         self.url = self._sync.url
 
     async def lookup(self, table: str, keys: Sequence[int] | np.ndarray, **kw: Any) -> np.ndarray:
@@ -423,6 +429,7 @@ class ShardedClient:
         *,
         timeout: float = 10.0,
         max_workers: int | None = None,
+        token: str | None = None,
     ) -> None:
         from streamhps.placement import Placement
 
@@ -435,7 +442,8 @@ class ShardedClient:
                 f"the placement has {self.placement.n_shards} shards but {len(urls)} url(s) were "
                 "given; give one url per shard, in shard order"
             )
-        self.clients = [InferenceClient(u, timeout=timeout) for u in urls]
+        self.token = token
+        self.clients = [InferenceClient(u, timeout=timeout, token=token) for u in urls]
         self.urls = [c.url for c in self.clients]
         self._pool = ThreadPoolExecutor(
             max_workers=max_workers or max(4, 2 * len(urls)), thread_name_prefix="streamhps-fanout"

@@ -141,14 +141,16 @@ class ShardRouter(ShardedClient):
         health_interval_s: float = 0.2,
         timeout: float = 10.0,
         kafka_config: Mapping[str, Any] | None = None,
+        token: str | None = None,
     ) -> None:
-        super().__init__(placement, urls, timeout=timeout)
+        super().__init__(placement, urls, timeout=timeout, token=token)
         self.placement.check(config)
         self.config = config
         self.health_interval_s = health_interval_s
         # readiness probes answer at once or the shard counts as down
         self._health_clients = [
-            InferenceClient(u, timeout=max(0.5, 5 * health_interval_s)) for u in self.urls
+            InferenceClient(u, timeout=max(0.5, 5 * health_interval_s), token=token)
+            for u in self.urls
         ]
         self._health: list[tuple[bool, str | None]] = [(False, "not asked yet")] * len(self.urls)
         self._health_at = 0.0
