@@ -239,11 +239,10 @@ class RequestHandler(BaseHTTPRequestHandler):
             if ctype != "application/octet-stream":
                 raise HTTPError(415, "/v1/lookup_many takes application/octet-stream int64 keys")
             rows = app.handle_lookup_many_binary(query, body)
-            data = b"".join(
-                np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False)).tobytes()
-                for a in rows.values()
-            )
-            self._send(200, data, "application/octet-stream",
+            # each table's rows straight from its array to the socket: no tobytes, no join (two
+            # fresh copies of the whole answer, ~9 ms per 16 MB on the 2-core machine)
+            parts = [_wire_bytes(a) for a in rows.values()]
+            self._send(200, parts, "application/octet-stream",
                        {"X-Streamhps-Layout": encode_layout(rows)})  # fmt: skip
         elif path == "/v1/predict":
             ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
@@ -268,16 +267,25 @@ class RequestHandler(BaseHTTPRequestHandler):
     def _send(
         self,
         status: int,
-        data: bytes | memoryview,
+        data: bytes | memoryview | list[memoryview],
         ctype: str,
         headers: dict[str, str] | None = None,
     ) -> None:
+        """One answer; ``data`` may be a list of byte views sent one after the other."""
+        parts = data if isinstance(data, list) else [memoryview(data)]
         self.send_response(status, HTTPStatus(status).phrase)
         self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Length", str(sum(p.nbytes for p in parts)))
         self.send_header("Cache-Control", "no-store")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(data)
+            for part in parts:
+                self.wfile.write(part)
+
+
+def _wire_bytes(a: np.ndarray) -> memoryview:
+    """A little-endian, C-contiguous array's bytes as a flat view (copies only when it must)."""
+    a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
+    return memoryview(a.reshape(-1).view(np.uint8))
