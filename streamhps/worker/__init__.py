@@ -1,8 +1,11 @@
 """The inference worker: a stream-fed embedding cache with LMDB behind it and bounded staleness.
 
 Modules: ``core`` (:class:`InferenceWorker`, lookups, readiness), ``ingest`` (the consume and
-apply loop), ``window`` (rows consumed that LMDB may not hold yet), ``staleness`` (how far
-behind the head each partition is), ``missing`` (never-seen keys). Which messages are skipped:
+apply loop), ``window`` (rows consumed that LMDB may not hold yet), ``miss_path`` (what a cache
+missed, from the window and LMDB), ``staleness`` (how far behind the head each partition is),
+``head`` (the thread that probes the head of every partition), ``ownership`` (the partitions a
+sharded worker serves), ``pooling`` (multi-hot bags), ``request`` (one request on the GPU),
+``missing`` (never-seen keys). Which messages are skipped:
 :mod:`streamhps.validation`.
 """
 

@@ -53,33 +53,32 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
-from confluent_kafka.admin import OffsetSpec
 
 from streamhps.config import Config, dense_topic
 from streamhps.errors import (
     ConfigError,
-    NotOwnedError,
     StaleReadError,
-    StoreError,
     StreamHPSError,
     UnknownTableError,
     ValidationError,
 )
-from streamhps.kafka import make_admin, make_consumer, max_message_bytes
+from streamhps.kafka import make_consumer, max_message_bytes
 from streamhps.partitioning import partition_of
 from streamhps.placement import Placement
 from streamhps.store.shards import StorePaths, open_stores, store_dirs, wait_for_stores
 from streamhps.topics import ensure_topics, planned_topics
+from streamhps.worker.head import HeadProbe
 from streamhps.worker.ingest import (
     POLL_TIMEOUT_S,
     DenseCallback,
-    Fill,
     Ingestor,
     TableState,
     row_quantiles,
 )
-from streamhps.worker.missing import fill_missing
-from streamhps.worker.request import DeviceRequests, array_device, check_keys
+from streamhps.worker.miss_path import resolve_misses
+from streamhps.worker.ownership import Ownership
+from streamhps.worker.pooling import add_missed, bag_offsets
+from streamhps.worker.request import DeviceRequests, check_keys
 from streamhps.worker.staleness import LagTracker
 from streamhps.worker.window import RecentRows
 
@@ -165,9 +164,10 @@ class InferenceWorker:
         self.cache_capacity = int(cache_capacity or config.serving.cache_capacity)
         self._capacity_given = cache_capacity is not None
         self.follow_dense = follow_dense
-        self.placement, self.shard = _load_placement(config, placement, shard, partitions)
-        self.owned = self._owned_partitions(partitions)
-        self.sharded = any(len(self.owned.get(t.name, ())) < t.partitions for t in config.tables)
+        self.ownership = Ownership(config, placement, shard, partitions)
+        self.placement, self.shard = self.ownership.placement, self.ownership.shard
+        self.owned = self.ownership.owned
+        self.sharded = self.ownership.sharded
         self.cache_policy = cache_policy
         self.warm_from_store = (
             config.serving.warm_from_store if warm_from_store is None else warm_from_store
@@ -180,12 +180,12 @@ class InferenceWorker:
         self._store: Any = None
         self._consumer: Any = None
         self._ingest: Ingestor | None = None
-        served = {t: ps for t, ps in self.owned.items() if ps}
+        served = self.ownership.served()
         self._tracker = LagTracker(
             {t.name: t.partitions for t in config.tables if t.name in served},
             served if self.sharded else None,
         )
-        self._probe_thread: threading.Thread | None = None
+        self._probe: HeadProbe | None = None
         self._stop = threading.Event()
         self._started = False
         self._stopped = False
@@ -200,7 +200,6 @@ class InferenceWorker:
         )  # fmt: skip
         self._xp: Any = np
         self._dense_callbacks: list[DenseCallback] = []
-        self._masks = {t.name: self._owned_mask(t.name) for t in config.tables}
 
     @classmethod
     def from_config(
@@ -214,33 +213,10 @@ class InferenceWorker:
         cfg = config if isinstance(config, Config) else Config.load(config)
         return cls(cfg, store, device, **kwargs)
 
-    def _owned_partitions(
-        self, partitions: Mapping[str, Sequence[int]] | None
-    ) -> dict[str, list[int]]:
-        """Table -> the partitions this worker serves (all of every table unless sharded)."""
-        if self.placement is not None:
-            assert self.shard is not None
-            got = self.placement.partitions_of(self.shard)
-            return {t.name: list(got.get(t.name, ())) for t in self.config.tables}
-        if partitions is None:
-            return {t.name: list(range(t.partitions)) for t in self.config.tables}
-        out: dict[str, list[int]] = {}
-        for name, ps in partitions.items():
-            spec = self.config.table(name)
-            bad = sorted(int(p) for p in ps if not 0 <= int(p) < spec.partitions)
-            if bad:
-                raise ConfigError(
-                    f"partitions {bad} of table {name!r} do not exist (it has {spec.partitions})"
-                )
-            out[name] = sorted({int(p) for p in ps})
-        if not any(out.values()):
-            raise ConfigError("partitions= gives this worker no partition of any table")
-        return {t.name: out.get(t.name, []) for t in self.config.tables}
-
     def _capacity_for(self, table: str) -> int:
-        if self.placement is not None and not self._capacity_given:
-            assert self.shard is not None
-            return int(self.placement.cache_rows(self.shard).get(table, self.cache_capacity))
+        placed = self.ownership.cache_rows(table, self.cache_capacity)
+        if placed is not None and not self._capacity_given:
+            return placed
         return self.cache_capacity
 
     def _on_device(self) -> contextlib.AbstractContextManager[Any]:
@@ -335,10 +311,16 @@ class InferenceWorker:
             self._ingest.dense_callbacks = self._dense_callbacks
             self._ingest.context = self._on_device
             self._ingest.start()
-            self._probe_thread = threading.Thread(
-                target=self._probe_loop, name="streamhps-probe", daemon=True
-            )
-            self._probe_thread.start()
+            self._probe = HeadProbe(
+                self.kafka,
+                {
+                    st.topic: (st.spec.name, self.owned[st.spec.name])
+                    for st in self._tables.values()
+                },
+                self._tracker,
+                interval_s=self.probe_interval_s,
+                timeout_s=max(1.0, self.max_staleness_s),
+            ).start()
         except BaseException:
             self._close_resources()
             raise
@@ -360,8 +342,8 @@ class InferenceWorker:
         self._stop.set()
         if self._ingest is not None:
             self._ingest.stop()
-        if self._probe_thread is not None:
-            self._probe_thread.join(10)
+        if self._probe is not None:
+            self._probe.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         self._close_resources()
@@ -421,7 +403,7 @@ class InferenceWorker:
             return 0
         n = 0
         cap = int(st.cache.capacity)
-        mask = self._owned_mask(st.spec.name)
+        mask = self.ownership.masks.get(st.spec.name)
         for keys, vectors, versions in self._store.iter_rows(st.spec.name):
             if mask is not None:  # a store holds the partitions of its processor, not of this shard
                 mine = mask[partition_of(keys, st.spec.partitions)]
@@ -449,52 +431,6 @@ class InferenceWorker:
             return TopicPartition(topic, 0, OFFSET_BEGINNING)
         # Only the newest dense model matters.
         return TopicPartition(topic, 0, hi - 1 if hi > lo else OFFSET_BEGINNING)
-
-    # ---------------------------------------------------------------- the head of the stream
-
-    def _probe_loop(self) -> None:
-        admin = make_admin(self.kafka)
-        tps = [
-            TopicPartition(st.topic, p)
-            for st in self._tables.values()
-            for p in self.owned[st.spec.name]
-        ]
-        names = {st.topic: st.spec.name for st in self._tables.values()}
-        lost_reported: set[tuple[str, int]] = set()
-        timeout = max(1.0, self.max_staleness_s)
-        while not self._stop.is_set():
-            sent = time.monotonic()
-            try:
-                futs = admin.list_offsets(
-                    {tp: OffsetSpec.latest() for tp in tps}, request_timeout=timeout
-                )
-                got = {
-                    (tp.topic, tp.partition): f.result(timeout=timeout).offset
-                    for tp, f in futs.items()
-                }
-            except Exception as e:  # noqa: BLE001 - the broker is unreachable: staleness grows
-                log.debug("head probe failed: %s", e)
-                self._stop.wait(self.probe_interval_s)
-                continue
-            positions = {name: self._tracker.position(name) for name in names.values()}
-            # the consumer's watermarks as the ingest thread last read them (never the consumer
-            # itself from this thread: see streamhps.worker.staleness)
-            fetched = {name: self._tracker.fetched_high_watermarks(name) for name in names.values()}
-            for (topic, p), hw in got.items():
-                name = names[topic]
-                cached = int(fetched[name][p])
-                head = max(int(hw), cached)
-                pos = int(positions[name][p])
-                if cached >= 0 and head < pos and (topic, p) not in lost_reported:
-                    lost_reported.add((topic, p))
-                    self._tracker.note_history_lost(name, p, pos, head)
-                    log.error(
-                        "broker history lost: %s[%d] ends at offset %d but this worker is at %d "
-                        "(topic recreated or broker restarted); it rereads the partition from the "
-                        "beginning, keeping its cache", topic, p, head, pos,
-                    )  # fmt: skip
-                self._tracker.probed(name, p, head, sent)
-            self._stop.wait(max(0.0, self.probe_interval_s - (time.monotonic() - sent)))
 
     # ---------------------------------------------------------------- readiness
 
@@ -656,7 +592,7 @@ class InferenceWorker:
             raise ValidationError(f"mode must be one of {POOLING}, got {mode!r}")
         k = check_keys(table, keys, self.torch_device, self._max_keys(), self._xp)
         self._check_owned(st, k)
-        offs = _bag_offsets(table, offsets, lengths, int(k.shape[0]), include_last_offset)
+        offs = bag_offsets(table, offsets, lengths, int(k.shape[0]), include_last_offset)
         if consistency == "bounded":
             self._check_bound(table, timeout)
         counts = {"lookups": 1, "keys": int(k.shape[0])}
@@ -665,7 +601,7 @@ class InferenceWorker:
             miss = np.flatnonzero(~hit)
             if miss.size:
                 rows = self._resolve_many({table: k[miss]}, counts)[table]
-                _add_missed(np, pooled, rows, miss, offs, mode)
+                add_missed(np, pooled, rows, miss, offs, mode)
         else:
             pooled, miss = self._pooled_device(st, k, offs, mode, counts)
         counts["hits"] = counts["keys"] - int(miss.size)
@@ -695,7 +631,7 @@ class InferenceWorker:
             miss = cp.flatnonzero(~hit).get(stream=req.stream)
             mk = k[miss] if isinstance(k, np.ndarray) else kd[cp.asarray(miss)].get()
             rows = self._resolve_many({st.spec.name: mk}, counts)[st.spec.name]
-            _add_missed(cp, out, cp.asarray(rows), cp.asarray(miss), cp.asarray(offs), mode)
+            add_missed(cp, out, cp.asarray(rows), cp.asarray(miss), cp.asarray(offs), mode)
             req.stream.synchronize()
         return out, miss
 
@@ -789,119 +725,18 @@ class InferenceWorker:
     def _resolve_many(
         self, missed: dict[str, np.ndarray], counts: dict[str, int]
     ) -> dict[str, np.ndarray]:
-        """Rows of missed keys of several tables (``table -> keys``, duplicates allowed; rows in
-        the same order): window first, then ONE LMDB read transaction for every table, the
-        higher version wins; fills for the cache; then each table's ``missing`` policy."""
-        uniq: dict[str, tuple[np.ndarray, np.ndarray]] = {
-            t: np.unique(k, return_inverse=True) for t, k in missed.items()
-        }
-        # each window's epoch before reading it: a prune after this point drops the fill
-        epochs = {t: self._tables[t].window.epoch for t in uniq}
-        windows = {t: self._tables[t].window.get(u) for t, (u, _) in uniq.items()}
-        try:
-            stored = self._store.get_many({t: u for t, (u, _) in uniq.items()})
-        except StoreError as e:
-            raise StoreError(f"miss path of table(s) {sorted(uniq)}: {e}") from e
-        out: dict[str, np.ndarray] = {}
-        refusal: Exception | None = None
-        for t, (keys, inverse) in uniq.items():
-            st = self._tables[t]
-            wv, wver, wfound = windows[t]
-            if t in stored:  # absent: the processor has not written this table yet
-                lv, lver, lfound = stored[t]
-            else:
-                lv, lver, lfound = (
-                    np.zeros_like(wv),
-                    np.zeros_like(wver),
-                    np.zeros(keys.shape[0], bool),
-                )
-            use_window = wfound & (~lfound | (wver >= lver))
-            found = wfound | lfound
-            rows = np.where(use_window[:, None], wv, lv)
-            versions = np.where(use_window, wver, lver)
-            counts["from_window"] = counts.get("from_window", 0) + int(np.count_nonzero(use_window))
-            counts["from_store"] = counts.get("from_store", 0) + int(
-                np.count_nonzero(found & ~use_window)
-            )
-            counts["window_over_store"] = counts.get("window_over_store", 0) + int(
-                np.count_nonzero(use_window & lfound & (wver > lver))
-            )
-            if found.any() and self._ingest is not None:
-                self._ingest.fills.put(
-                    Fill(t, keys[found], np.ascontiguousarray(rows[found]), versions[found].copy(), epochs[t])
-                )  # fmt: skip
-            if not found.all():
-                absent = ~found
-                counts["from_missing"] = counts.get("from_missing", 0) + int(
-                    np.count_nonzero(absent)
-                )
-                try:
-                    rows[absent] = fill_missing(
-                        t, st.spec.missing, keys[absent], st.spec.dim, st.spec.np_dtype
-                    )
-                except StreamHPSError as e:  # every table's fills go out first
-                    refusal = refusal or e
-            out[t] = rows[inverse]
-        if refusal is not None:
-            raise refusal
-        return out
-
-    def _owned_mask(self, table: str) -> np.ndarray | None:
-        """``mask[p]``: this worker serves partition ``p`` of ``table``; None when it serves all."""
-        spec = self.config.table(table)
-        owned = self.owned.get(table, [])
-        if len(owned) == spec.partitions:
-            return None
-        mask = np.zeros(spec.partitions, dtype=bool)
-        mask[owned] = True
-        return mask
+        """Rows of missed keys of several tables: :func:`~streamhps.worker.miss_path.resolve_misses`."""
+        fills = self._ingest.fills if self._ingest is not None else None
+        return resolve_misses(missed, counts, self._tables, self._store, fills)
 
     def _check_owned(self, st: TableState, keys: Any) -> None:
-        """Refuse keys of partitions another shard serves, naming it (never answer from nothing)."""
-        mask = self._masks.get(st.spec.name)
-        if mask is None or keys.size == 0:
-            return
-        if not isinstance(keys, np.ndarray):
-            keys = keys.get()  # device keys on a sharded worker: one read to check ownership
-        parts = partition_of(keys, st.spec.partitions)
-        bad = np.flatnonzero(~mask[parts])
-        if bad.size:
-            key, part = int(keys[bad[0]]), int(parts[bad[0]])
-            raise NotOwnedError(
-                f"table {st.spec.name!r}: {bad.size} of {keys.size} keys are not served by "
-                f"{self._whoami()}; key {key} is in partition {part}, served by "
-                f"{self._owner_name(st.spec.name, part)}. Route lookups by owner (the main shard "
-                "or streamhps.client.ShardedClient)"
-            )
-
-    def _whoami(self) -> str:
-        if self.placement is not None:
-            return f"shard {self.shard} of {self.placement.n_shards}"
-        return "this worker"
-
-    def _owner_name(self, table: str, partition: int) -> str:
-        if self.placement is not None:
-            return f"shard {int(self.placement.owner_of_partitions(table)[partition])}"
-        return f"another worker (this one serves partitions {self.owned.get(table, [])})"
+        self.ownership.check_keys(st.spec.name, st.spec.partitions, keys)
 
     def _table(self, table: str) -> TableState:
         try:
             return self._tables[table]
         except KeyError:
-            if self._started and table in self.owned:
-                if self.placement is not None:
-                    owners = sorted(set(self.placement.owner_of_partitions(table).tolist()))
-                    where = f"shard(s) {owners}"
-                else:
-                    where = "other workers"
-                raise NotOwnedError(
-                    f"table {table!r} is not served by {self._whoami()}: {where} serve it"
-                ) from None
-            if self._started:
-                raise UnknownTableError(
-                    f"unknown table {table!r}; this worker serves {sorted(self._tables)}"
-                ) from None
-            raise StreamHPSError("worker is not running: call start() first") from None
+            raise self.ownership.table_error(table, list(self._tables), self._started) from None
 
     def _to_dev(self, a: np.ndarray) -> Any:
         if self._xp is np:
@@ -1008,88 +843,9 @@ class InferenceWorker:
         }
         out["history_lost"] = list(self._tracker.history_lost)
         if self.sharded:
-            out["shard"] = {
-                "shard": self.shard,
-                "shards": self.placement.n_shards if self.placement is not None else None,
-                "partitions": {t: ps for t, ps in self.owned.items() if ps},
-            }
+            out["shard"] = self.ownership.describe()
         out["stores"] = list(self.store_paths)
         with self._stats_lock:
             out["lookups"] = dict(self._lookup_counts)
         out["start_offsets"] = {f"{t}[{p}]": o for (t, p), o in self._start_offsets.items()}
         return out
-
-
-def _load_placement(
-    config: Config,
-    placement: Placement | str | os.PathLike[str] | None,
-    shard: int | None,
-    partitions: Mapping[str, Sequence[int]] | None,
-) -> tuple[Placement | None, int | None]:
-    if placement is None:
-        if shard is not None:
-            raise ConfigError("shard= needs placement= (the file `streamhps plan` writes)")
-        return None, None
-    if partitions is not None:
-        raise ConfigError("give placement= and shard=, or partitions=, not both")
-    p = placement if isinstance(placement, Placement) else Placement.load(placement)
-    p.check(config)
-    if shard is None or not 0 <= int(shard) < p.n_shards:
-        raise ConfigError(
-            f"placement has shards 0..{p.n_shards - 1}; give shard= one of them, got {shard!r}"
-        )
-    if not p.partitions_of(int(shard)):
-        raise ConfigError(f"shard {shard} of the placement serves no partition: nothing to do")
-    return p, int(shard)
-
-
-def _bag_offsets(
-    table: str, offsets: Any, lengths: Any, n_keys: int, include_last: bool = False
-) -> np.ndarray:
-    """CSR bag boundaries (``n_bags + 1`` int64 entries from 0 to ``n_keys``), on the host."""
-    if (offsets is None) == (lengths is None):
-        raise ValidationError(
-            f"pooled lookup of table {table!r}: pass offsets= or lengths=, not both"
-        )
-    raw = offsets if offsets is not None else lengths
-    if array_device(raw) != "cpu":
-        raw = raw.cpu() if hasattr(raw, "cpu") else raw.get()  # one small read of the bag layout
-    a = np.asarray(raw)
-    what = "offsets" if offsets is not None else "lengths"
-    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
-        raise ValidationError(
-            f"pooled lookup of table {table!r}: {what} must be a 1-D integer array, got shape "
-            f"{a.shape} dtype {a.dtype}"
-        )
-    a = a.astype(np.int64, copy=False)
-    if lengths is not None:
-        if (a < 0).any() or int(a.sum()) != n_keys:
-            raise ValidationError(
-                f"pooled lookup of table {table!r}: lengths must be >= 0 and sum to the number "
-                f"of keys ({n_keys}), got sum {int(a.sum())}"
-            )
-        return np.concatenate(([0], np.cumsum(a)))
-    if not include_last:
-        a = np.concatenate((a, [n_keys]))  # embedding_bag's form: the start of each bag
-    if a[0] != 0 or (a[1:] < a[:-1]).any() or a[-1] != n_keys:
-        raise ValidationError(
-            f"pooled lookup of table {table!r}: offsets must start at 0 and rise to the number "
-            f"of keys ({n_keys}) without going back; got {a[:8].tolist()}{'...' if a.size > 8 else ''}"
-        )
-    return a
-
-
-def _add_missed(xp: Any, pooled: Any, rows: Any, miss: Any, offsets: Any, mode: str) -> None:
-    """Add resolved rows of missed keys into their bags (scaled by 1 / length for "mean")."""
-    bag = xp.searchsorted(offsets, miss, side="right") - 1
-    r = rows.astype(xp.float32)
-    if mode == "mean":
-        r /= (offsets[bag + 1] - offsets[bag]).astype(xp.float32)[:, None]
-    acc = pooled.astype(xp.float32)
-    if xp is np:
-        np.add.at(acc, bag, r)
-    else:
-        import cupyx
-
-        cupyx.scatter_add(acc, bag, r)
-    pooled[...] = acc.astype(pooled.dtype, copy=False)

@@ -1,0 +1,82 @@
+"""The miss path: rows a cache did not hold, from the window of recent rows and from LMDB.
+
+Window first, then ONE LMDB read transaction for every table of the request; the higher
+version wins (a row consumed but not yet in LMDB is newer than LMDB's); the rows found go back
+to the cache as fills; keys no tier holds get the table's ``missing`` policy.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from streamhps.errors import StoreError, StreamHPSError
+from streamhps.worker.ingest import Fill, TableState
+from streamhps.worker.missing import fill_missing
+
+
+def resolve_misses(
+    missed: dict[str, np.ndarray],
+    counts: dict[str, int],
+    tables: Mapping[str, TableState],
+    store: Any,
+    fills: queue.SimpleQueue[Fill] | None,
+) -> dict[str, np.ndarray]:
+    """Rows of missed keys of several tables (``table -> keys``, duplicates allowed; rows in
+    the same order): window first, then ONE LMDB read transaction for every table, the
+    higher version wins; ``fills`` for the cache (the ingest thread inserts them); then each
+    table's ``missing`` policy. ``counts`` gains where the rows came from."""
+    uniq: dict[str, tuple[np.ndarray, np.ndarray]] = {
+        t: np.unique(k, return_inverse=True) for t, k in missed.items()
+    }
+    # each window's epoch before reading it: a prune after this point drops the fill
+    epochs = {t: tables[t].window.epoch for t in uniq}
+    windows = {t: tables[t].window.get(u) for t, (u, _) in uniq.items()}
+    try:
+        stored = store.get_many({t: u for t, (u, _) in uniq.items()})
+    except StoreError as e:
+        raise StoreError(f"miss path of table(s) {sorted(uniq)}: {e}") from e
+    out: dict[str, np.ndarray] = {}
+    refusal: Exception | None = None
+    for t, (keys, inverse) in uniq.items():
+        st = tables[t]
+        wv, wver, wfound = windows[t]
+        if t in stored:  # absent: the processor has not written this table yet
+            lv, lver, lfound = stored[t]
+        else:
+            lv, lver, lfound = (
+                np.zeros_like(wv),
+                np.zeros_like(wver),
+                np.zeros(keys.shape[0], bool),
+            )
+        use_window = wfound & (~lfound | (wver >= lver))
+        found = wfound | lfound
+        rows = np.where(use_window[:, None], wv, lv)
+        versions = np.where(use_window, wver, lver)
+        counts["from_window"] = counts.get("from_window", 0) + int(np.count_nonzero(use_window))
+        counts["from_store"] = counts.get("from_store", 0) + int(
+            np.count_nonzero(found & ~use_window)
+        )
+        counts["window_over_store"] = counts.get("window_over_store", 0) + int(
+            np.count_nonzero(use_window & lfound & (wver > lver))
+        )
+        if found.any() and fills is not None:
+            fills.put(
+                Fill(t, keys[found], np.ascontiguousarray(rows[found]), versions[found].copy(), epochs[t])
+            )  # fmt: skip
+        if not found.all():
+            absent = ~found
+            counts["from_missing"] = counts.get("from_missing", 0) + int(np.count_nonzero(absent))
+            try:
+                rows[absent] = fill_missing(
+                    t, st.spec.missing, keys[absent], st.spec.dim, st.spec.np_dtype
+                )
+            except StreamHPSError as e:  # every table's fills go out first
+                refusal = refusal or e
+        out[t] = rows[inverse]
+    if refusal is not None:
+        raise refusal
+    return out
