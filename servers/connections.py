@@ -6,9 +6,10 @@ reading each request.
   waits in a queue, and the admitted connections keep being served.
 * **Request deadline.** A client has ``request_timeout_s`` to send a whole request (its headers
   and its body), counted from when the server starts waiting for it; an idle keep-alive
-  connection has as long to start its next one. Each read also times out after as long. A
-  reaper thread shuts down the socket of any connection past its deadline, so a client that
-  trickles a byte at a time (every read succeeds, the request never ends) is cut off too.
+  connection has as long to start its next one. A reaper thread shuts down the socket of any
+  connection past its deadline, so a client that trickles a byte at a time (every read
+  succeeds, the request never ends) is cut off too. (Each read also times out after twice as
+  long, should the reaper ever fall behind.)
   Handling a request once read (a lookup, a prediction) has no deadline here.
 """
 
@@ -129,8 +130,10 @@ class GuardedHTTPServer(ThreadingHTTPServer):
                 late = [s for s, d in self._deadlines.items() if d <= now]
                 for s in late:
                     del self._deadlines[s]
+            if late:
+                with self._lock:
+                    self.cut_off += len(late)
             for s in late:
-                self.cut_off += 1
                 log.debug("request not read within %.1fs: closing %s", self.request_timeout_s, s)
                 with contextlib.suppress(OSError):  # already closed by its handler
                     s.shutdown(socket.SHUT_RDWR)  # the handler's blocked read returns at once

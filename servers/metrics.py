@@ -130,6 +130,19 @@ def render_metrics(server: InferenceServer) -> str:
     lines.extend(server.predict_latency.lines("streamhps_predict_latency_seconds"))
     family("streamhps_dense_version", "gauge", "Version of the dense model in service (0: none).")
     lines.append(f"streamhps_dense_version {server.dense_version or 0}")
+    httpd = server.httpd
+    family("streamhps_http_connections", "gauge", "Connections holding a handler thread now.")
+    lines.append(f"streamhps_http_connections {httpd.open_connections()}")
+    family(
+        "streamhps_http_connections_refused_total", "counter",
+        "Connections answered 503 because --max-connections were open.",
+    )  # fmt: skip
+    lines.append(f"streamhps_http_connections_refused_total {httpd.refused}")
+    family(
+        "streamhps_http_requests_cut_off_total", "counter",
+        "Connections closed because a request was not sent within --request-timeout.",
+    )  # fmt: skip
+    lines.append(f"streamhps_http_requests_cut_off_total {httpd.cut_off}")
     counters = server.counters_snapshot()
     family("streamhps_requests_total", "counter", "Requests served, by kind.")
     for k in ("lookups", "predicts", "errors"):

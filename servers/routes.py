@@ -70,7 +70,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         return self.server.app  # type: ignore[attr-defined]
 
     def setup(self) -> None:
-        self.timeout = self.server.request_timeout_s  # type: ignore[attr-defined,misc]
+        # each read: a backstop; the request deadline (servers.connections) acts first
+        self.timeout = 2 * self.server.request_timeout_s  # type: ignore[attr-defined,misc]
         super().setup()
 
     def handle_one_request(self) -> None:

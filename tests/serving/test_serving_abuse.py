@@ -87,6 +87,13 @@ def _closed_by_server(s: socket.socket, deadline_s: float = 30.0) -> bool:
         return False
 
 
+def _metric(client: InferenceClient, name: str) -> float:
+    text = client.metrics()
+    values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, (name, text)
+    return values[0]
+
+
 def _healthy(server: InferenceServer, deployment, token: str | None = None) -> None:  # type: ignore[no-untyped-def]
     keys, vecs = deployment.rows["user"]
     with InferenceClient(server.url, timeout=30, token=token) as c:
@@ -172,6 +179,8 @@ def test_slow_and_malformed_clients_are_cut_off_and_healthy_requests_continue(
 
     for s in (silent, trickler, half_body):
         assert _closed_by_server(s), "a slow client still holds its connection"
+    with InferenceClient(server.url, timeout=30) as c:
+        assert _metric(c, "streamhps_http_requests_cut_off_total") >= 3
     stop.set()
     t.join(10)
     for s in (silent, trickler, half_body, garbage, huge_header):
@@ -202,6 +211,9 @@ def test_connections_over_the_bound_are_refused_at_once_with_503(make_server, de
     status, body = _response(extra)
     assert status == 503 and b"too many connections" in body
     assert _closed_by_server(extra)
+    # asked on the healthy client's own connection: every slot is taken
+    assert _metric(healthy, "streamhps_http_connections_refused_total") == 1
+    assert _metric(healthy, "streamhps_http_connections") == 4
     extra.close()
     # the admitted ones are unaffected
     np.testing.assert_array_equal(healthy.lookup("user", keys[5:10]), vecs[5:10])
