@@ -22,8 +22,8 @@ overriding a seek to the LMDB offset in ``on_partitions_assigned``, and an agent
 consumer-group member whose partitions wait for the group to rebalance after ``kill -9`` (a
 prototype agent with ``perform_seek`` overridden resumed in 2.8 s, as a static member in
 ~9.8 s). Hosted by faust, the loop resumes 0.92-0.97 s after ``kill -9`` (median; worst
-1.37 s; bare loop 0.57-0.58 s) at 97-108 % of the bare loop's median rows/s, 0 rows lost or
-replayed (``bench/processor_faust.py``, two runs, 2 cores, embedded broker).
+1.37 s; bare loop 0.57-0.58 s) at 96-108 % of the bare loop's median rows/s, 0 rows lost or
+replayed (``bench/processor_faust.py``, three runs, 2 cores, embedded broker).
 """
 
 from __future__ import annotations
