@@ -32,7 +32,7 @@ import numpy as np
 from streamhps import wire
 from streamhps.config import TableSpec
 from streamhps.store import LmdbStore, WriteBatch
-from streamhps.store.lmdb_store import encode_keys
+from streamhps.store.lmdb_format import encode_keys
 from streamhps.validation import Rejected, check_table_message
 
 KEY_SPACE = 1_000_000

@@ -1,15 +1,9 @@
-"""The LMDB implementation of the persistent tier.
+"""The LMDB implementation of the persistent tier (:class:`LmdbStore`).
 
-Layout: one LMDB environment (a directory holding ``data.mdb`` and ``lock.mdb``) per shard
-of partitions, i.e. per processor. Named databases inside it:
-
-* ``rows:<table>``: key = 8 bytes big-endian of ``uint64(key) ^ 1<<63`` (so rows sort by
-  the signed key), value = version (int64 little-endian) then the vector bytes
-  (little-endian ``dtype``, ``dim`` elements).
-* ``offsets``: ``topic \\0 partition(u32 BE)`` -> next offset to consume (int64 LE).
-* ``applied``: ``table \\0 partition(u32 BE)`` -> applied version (int64 LE).
-* ``meta``: ``format``, ``tables`` (JSON: specs and held partitions), ``stats`` (JSON:
-  compaction counters).
+One LMDB environment (a directory holding ``data.mdb`` and ``lock.mdb``) per shard of
+partitions, i.e. per processor. The on-disk format is in :mod:`streamhps.store.lmdb_format`,
+the environment handles and open errors in :mod:`streamhps.store.lmdb_env`, the per-key
+compaction of a write batch in :mod:`streamhps.store.compaction`.
 
 Durability knobs (:meth:`LmdbStore.open`), safe by default:
 
@@ -52,13 +46,24 @@ import numpy as np
 from streamhps.config import TableSpec
 from streamhps.errors import ConfigError, StoreError, UnknownTableError
 from streamhps.store.base import StoreWriter, TableWriteResult, WriteBatch
+from streamhps.store.compaction import latest_per_key
+from streamhps.store.lmdb_env import acquire_env, open_error, release_env
+from streamhps.store.lmdb_format import (
+    APPLIED,
+    FORMAT,
+    META,
+    OFFSETS,
+    decode_keys,
+    encode_i64,
+    encode_keys,
+    parse_partition_key,
+    partition_key,
+    row_dtype,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = b"1"
 DEFAULT_MAP_SIZE = 1 << 30
-_SIGN = np.uint64(1 << 63)
-_META, _OFFSETS, _APPLIED = b"meta", b"offsets", b"applied"
 _STAT_FIELDS = (
     "rows_in",
     "rows_written",
@@ -70,127 +75,6 @@ _STAT_FIELDS = (
 )
 _first = itemgetter(0)
 _second = itemgetter(1)
-
-
-def encode_keys(keys: np.ndarray) -> list[bytes]:
-    """int64 keys -> LMDB keys (8 bytes each) that sort like the signed keys."""
-    u = np.ascontiguousarray(keys, dtype=np.int64).view(np.uint64) ^ _SIGN
-    keys_out: list[bytes] = u.astype(">u8").view("V8").tolist()
-    return keys_out
-
-
-def decode_keys(raw: bytes) -> np.ndarray:
-    return (np.frombuffer(raw, dtype=">u8").astype(np.uint64) ^ _SIGN).view(np.int64)
-
-
-def _pk(name: str, partition: int) -> bytes:
-    return name.encode() + b"\0" + struct.pack(">I", partition)
-
-
-def _unpk(raw: bytes | memoryview) -> tuple[str, int]:
-    raw = bytes(raw)
-    return raw[:-5].decode(), struct.unpack(">I", raw[-4:])[0]
-
-
-def _i64(v: int) -> bytes:
-    return struct.pack("<q", v)
-
-
-def _row_dtype(spec: TableSpec) -> np.dtype:
-    return np.dtype([("version", "<i8"), ("vector", spec.np_dtype.newbyteorder("<"), (spec.dim,))])
-
-
-# LMDB allows one environment handle per file per process: stores opened twice share it.
-_ENVS: dict[str, list[Any]] = {}  # realpath -> [env, refcount, readonly]
-_ENVS_LOCK = threading.Lock()
-
-
-def _acquire_env(p: Path, readonly: bool, **opts: Any) -> lmdb.Environment:
-    key = os.path.realpath(p)
-    with _ENVS_LOCK:
-        entry = _ENVS.get(key)
-        if entry is not None:
-            if entry[2] and not readonly:
-                raise StoreError(
-                    f"{p} is already open read-only in this process; close it before opening it writable"
-                )
-            entry[1] += 1
-            return entry[0]
-        try:
-            env = lmdb.open(
-                str(p), readonly=readonly, max_dbs=4096, lock=True, mode=0o700, readahead=False,
-                create=not readonly, **opts,
-            )  # fmt: skip
-        except lmdb.Error as e:
-            raise StoreError(_open_error(p, e)) from e
-        short = _missing_bytes(env, p)
-        if short:
-            env.close()
-            raise StoreError(
-                f"{p / 'data.mdb'} is truncated: its pages end {short} bytes short of what its "
-                "header says it holds (a partial copy, or a full disk). Restore the store from a "
-                "snapshot (streamhps snapshot), or move the directory away and let the processor "
-                "rebuild it from the stream (it replays what the brokers still retain)"
-            )
-        cleared = env.reader_check()
-        if cleared:
-            log.warning("cleared %d stale LMDB reader slot(s) of dead processes in %s", cleared, p)
-        _ENVS[key] = [env, 1, readonly]
-        return env
-
-
-_DAMAGED = (
-    lmdb.InvalidError, lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.VersionMismatchError,
-    lmdb.BadRslotError, lmdb.PanicError,
-)  # fmt: skip
-
-
-def _missing_bytes(env: lmdb.Environment, p: Path) -> int:
-    """How many bytes ``data.mdb`` lacks of the pages its meta page counts (0: complete). A
-    read of a page past the end of the memory map kills the process with SIGBUS, so this is
-    checked before any read."""
-    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
-    try:
-        have = os.path.getsize(p / "data.mdb")
-    except OSError:
-        return 0
-    return max(0, needed - have)
-
-
-def _open_error(p: Path, e: lmdb.Error) -> str:
-    """What went wrong opening the store at ``p``, and what the operator can do about it."""
-    text = str(e).replace("\n", " ").strip()
-    try:
-        tiny = (p / "data.mdb").stat().st_size < 2 * 4096  # not even the two meta pages
-    except OSError:
-        tiny = False
-    if isinstance(e, _DAMAGED) or tiny:
-        return (
-            f"{p / 'data.mdb'} is not a usable LMDB file ({text}): it is truncated or corrupted. "
-            "Restore the store from a snapshot (streamhps snapshot), or move the directory "
-            "away and let the processor rebuild it from the stream (it replays what the "
-            "brokers still retain)"
-        )
-    if isinstance(e, lmdb.ReadonlyError) or "ermission denied" in text or "ead-only" in text:
-        return (
-            f"cannot open the LMDB store at {p} ({text}): every process, readers too, "
-            f"registers in {p / 'lock.mdb'}, so the directory (or an existing lock.mdb) must "
-            "be writable by this user. On a read-only volume, copy a snapshot (streamhps "
-            "snapshot) to a writable directory and serve that"
-        )
-    return f"cannot open the LMDB store at {p}: {text}"
-
-
-def _release_env(p: Path) -> None:
-    key = os.path.realpath(p)
-    with _ENVS_LOCK:
-        entry = _ENVS.get(key)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            del _ENVS[key]
-            entry[0].close()
 
 
 _ABSENT = object()
@@ -275,7 +159,7 @@ class LmdbStore(StoreWriter):
                 )
         else:
             p.mkdir(mode=0o700, parents=True, exist_ok=True)
-        env = _acquire_env(
+        env = acquire_env(
             p, readonly, map_size=map_size, sync=sync, metasync=metasync, writemap=writemap,
             map_async=map_async, max_readers=max_readers,
         )  # fmt: skip
@@ -283,11 +167,11 @@ class LmdbStore(StoreWriter):
         try:
             if not readonly:
                 with env.begin(write=True) as txn:
-                    for name in (_META, _OFFSETS, _APPLIED):
+                    for name in (META, OFFSETS, APPLIED):
                         store._dbs[name] = env.open_db(name, txn=txn)
-                    fmt = txn.get(b"format", db=store._dbs[_META])
+                    fmt = txn.get(b"format", db=store._dbs[META])
                     if fmt is None:
-                        txn.put(b"format", FORMAT, db=store._dbs[_META])
+                        txn.put(b"format", FORMAT, db=store._dbs[META])
                     elif fmt != FORMAT:
                         raise StoreError(
                             f"{p} has store format {fmt!r}; this build writes {FORMAT!r}"
@@ -298,7 +182,7 @@ class LmdbStore(StoreWriter):
             store.offsets()
         except lmdb.Error as e:
             store.close()
-            raise StoreError(_open_error(p, e)) from e
+            raise StoreError(open_error(p, e)) from e
         except BaseException:
             store.close()
             raise
@@ -307,7 +191,7 @@ class LmdbStore(StoreWriter):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            _release_env(self.path)
+            release_env(self.path)
 
     def __enter__(self) -> LmdbStore:
         return self
@@ -349,7 +233,7 @@ class LmdbStore(StoreWriter):
                 self._absent = True
 
     def _load_meta(self, txn: lmdb.Transaction) -> dict[str, TableSpec]:
-        meta = self._db(_META, txn)
+        meta = self._db(META, txn)
         raw = txn.get(b"tables", db=meta) if meta is not None else None
         specs: dict[str, TableSpec] = {}
         held: dict[str, list[int]] = {}
@@ -369,7 +253,7 @@ class LmdbStore(StoreWriter):
             ) from None
 
     def _read_stats(self, txn: lmdb.Transaction) -> dict[str, Any]:
-        meta = self._db(_META, txn)
+        meta = self._db(META, txn)
         raw = txn.get(b"stats", db=meta) if meta is not None else None
         return json.loads(bytes(raw)) if raw else {"tables": {}}
 
@@ -457,7 +341,7 @@ class LmdbStore(StoreWriter):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Batched read of sorted unique keys: ``(found mask, versions, vectors)`` of the found rows."""
         db = self._db(f"rows:{spec.name}".encode(), txn)
-        rdt = _row_dtype(spec)
+        rdt = row_dtype(spec)
         if db is None:
             return (
                 np.zeros(sorted_keys.shape[0], bool),
@@ -499,7 +383,7 @@ class LmdbStore(StoreWriter):
             return self._partition_applied(txn, table)
 
     def _partition_applied(self, txn: lmdb.Transaction, table: str) -> dict[int, int]:
-        db = self._db(_APPLIED, txn)
+        db = self._db(APPLIED, txn)
         if db is None:
             return {}
         prefix = table.encode() + b"\0"
@@ -511,7 +395,7 @@ class LmdbStore(StoreWriter):
                 if not kb.startswith(prefix):
                     break
                 if len(kb) == len(prefix) + 4:
-                    out[_unpk(kb)[1]] = struct.unpack("<q", v)[0]
+                    out[parse_partition_key(kb)[1]] = struct.unpack("<q", v)[0]
         return out
 
     @_reads
@@ -523,15 +407,15 @@ class LmdbStore(StoreWriter):
     def topic_ids(self) -> dict[str, str]:
         """Topic -> broker topic id its stored offsets refer to (recorded by the processor)."""
         with self._begin() as txn:
-            meta = self._db(_META, txn)
+            meta = self._db(META, txn)
             raw = txn.get(b"topic_ids", db=meta) if meta is not None else None
             return dict(json.loads(bytes(raw))) if raw else {}
 
     def _offsets(self, txn: lmdb.Transaction) -> dict[tuple[str, int], int]:
-        db = self._db(_OFFSETS, txn)
+        db = self._db(OFFSETS, txn)
         if db is None:
             return {}
-        return {_unpk(k): struct.unpack("<q", v)[0] for k, v in txn.cursor(db)}
+        return {parse_partition_key(k): struct.unpack("<q", v)[0] for k, v in txn.cursor(db)}
 
     def iter_rows(
         self, table: str, batch_rows: int = 65536
@@ -539,7 +423,7 @@ class LmdbStore(StoreWriter):
         self.row_count(table)  # opens the handles outside the long read txn below
         with self._begin() as txn:
             spec = self._spec(table, txn)
-            rdt = _row_dtype(spec)
+            rdt = row_dtype(spec)
             db = self._db(f"rows:{table}".encode(), txn)
             if db is None:
                 return
@@ -644,7 +528,7 @@ class LmdbStore(StoreWriter):
             txn.put(
                 b"tables",
                 json.dumps(doc, sort_keys=True).encode(),
-                db=self._db(_META, txn, write=True),
+                db=self._db(META, txn, write=True),
             )
         self._specs, self._held = stored, held_all
 
@@ -655,7 +539,7 @@ class LmdbStore(StoreWriter):
         A full map is grown and the transaction retried from scratch.
         """
         self._writable()
-        prepared = {t: _compact_batch(r) for t, r in batch.rows.items() if r.keys}
+        prepared = {t: latest_per_key(r) for t, r in batch.rows.items() if r.keys}
         while True:
             try:
                 return self._write_txn(batch, prepared)
@@ -684,12 +568,12 @@ class LmdbStore(StoreWriter):
                 keep = np.ones(keys.shape[0], dtype=bool)
                 if hits:
                     got = decode_keys(b"".join(map(_first, hits)))
-                    stored_v = np.frombuffer(b"".join(map(_second, hits)), dtype=_row_dtype(spec))[
+                    stored_v = np.frombuffer(b"".join(map(_second, hits)), dtype=row_dtype(spec))[
                         "version"
                     ]
                     idx = np.searchsorted(keys, got)
                     keep[idx[stored_v >= versions[idx]]] = False
-                rdt = _row_dtype(spec)
+                rdt = row_dtype(spec)
                 n_keep = int(keep.sum())
                 rows = np.empty(n_keep, dtype=rdt)
                 rows["version"] = versions[keep]
@@ -702,15 +586,15 @@ class LmdbStore(StoreWriter):
                 res.rows_written = n_keep
                 res.rows_stale = keys.shape[0] - n_keep
                 results[table] = res
-            offsets_db, applied_db = self._db(_OFFSETS, txn, True), self._db(_APPLIED, txn, True)
+            offsets_db, applied_db = self._db(OFFSETS, txn, True), self._db(APPLIED, txn, True)
             for (topic, p), off in batch.offsets.items():
-                txn.put(_pk(topic, p), _i64(off), db=offsets_db)
+                txn.put(partition_key(topic, p), encode_i64(off), db=offsets_db)
             for (table, p), v in batch.applied.items():
-                old = txn.get(_pk(table, p), db=applied_db)
+                old = txn.get(partition_key(table, p), db=applied_db)
                 if old is None or struct.unpack("<q", old)[0] < v:
-                    txn.put(_pk(table, p), _i64(v), db=applied_db)
+                    txn.put(partition_key(table, p), encode_i64(v), db=applied_db)
             if batch.topic_ids:
-                meta = self._db(_META, txn, True)
+                meta = self._db(META, txn, True)
                 raw = txn.get(b"topic_ids", db=meta)
                 ids = {**(json.loads(bytes(raw)) if raw else {}), **batch.topic_ids}
                 txn.put(b"topic_ids", json.dumps(ids, sort_keys=True).encode(), db=meta)
@@ -724,7 +608,7 @@ class LmdbStore(StoreWriter):
                 c["dlq"] = c.get("dlq", 0) + batch.dlq.get(table, 0)
             stats["batches"] = stats.get("batches", 0) + 1
             stats["last_commit_unix"] = time.time()
-            txn.put(b"stats", json.dumps(stats).encode(), db=self._db(_META, txn, True))
+            txn.put(b"stats", json.dumps(stats).encode(), db=self._db(META, txn, True))
         return results
 
     def snapshot(self, out: str | os.PathLike[str]) -> Path:
@@ -744,30 +628,3 @@ class LmdbStore(StoreWriter):
         finally:
             os.close(fd)
         return o
-
-
-def _compact_batch(rows: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Concatenate a table's chunks and keep, per key, the row with the highest version.
-
-    Returns sorted unique keys, their vectors and versions, and the number of rows in.
-    """
-    keys = np.concatenate(rows.keys) if len(rows.keys) > 1 else np.asarray(rows.keys[0])
-    versions = (
-        np.concatenate(rows.versions) if len(rows.versions) > 1 else np.asarray(rows.versions[0])
-    )
-    vectors = np.concatenate(rows.vectors) if len(rows.vectors) > 1 else np.asarray(rows.vectors[0])
-    n = keys.shape[0]
-    if n < 2 or bool((versions[1:] >= versions[:-1]).all()):
-        # the usual case, versions never drop in arrival order: the last occurrence of a key wins
-        order = np.argsort(keys, kind="stable")
-        k = keys[order]
-        last = np.ones(n, dtype=bool)
-        last[:-1] = k[1:] != k[:-1]
-        pick = order[last]
-    else:
-        order = np.lexsort((-versions, keys))
-        k = keys[order]
-        first = np.ones(n, dtype=bool)
-        first[1:] = k[1:] != k[:-1]
-        pick = order[first]
-    return keys[pick], vectors[pick], versions[pick].astype(np.int64), n
