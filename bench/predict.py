@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -289,7 +289,8 @@ def _client_proc(
     go: Any,
     q: Any,
 ) -> None:
-    counts, lats = [0] * threads, [[] for _ in range(threads)]
+    counts = [0] * threads
+    lats: list[list[float]] = [[] for _ in range(threads)]
     warm = threading.Barrier(threads + 1)
 
     def run(j: int) -> None:
@@ -363,6 +364,7 @@ def pooled(args: argparse.Namespace) -> None:
     import cupy as cp
 
     from streamhps.cache import make_cache
+    from streamhps.cache.cuda_backend import CudaCache
 
     def t_gpu(fn: Callable[[], Any], reps: int = 20) -> float:
         for _ in range(3):
@@ -388,7 +390,7 @@ def pooled(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(5)
     rows = args.pooled_rows
     for dim in (64, 128):
-        cache = make_cache("cuda", capacity=2 * rows, dim=dim)
+        cache = cast(CudaCache, make_cache("cuda", capacity=2 * rows, dim=dim))
         w = (0.1 * rng.standard_normal((rows, dim))).astype(np.float32)
         for lo in range(0, rows, 1 << 18):
             hi = min(rows, lo + (1 << 18))

@@ -17,6 +17,7 @@ import platform
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from confluent_kafka import Producer
@@ -58,7 +59,11 @@ def capture_messages(
     """The exact (partition, bytes) the publisher produces, captured without a broker."""
     pub = Publisher("127.0.0.1:1", [spec], "capture", learn_committed=False)
     out: list[tuple[int, bytes]] = []
-    pub._produce = lambda topic, p, payload, rows: out.append((p, payload))  # type: ignore[method-assign]
+
+    def capture(topic: str, partition: int, payload: Any, *, rows: int) -> None:
+        out.append((partition, payload))
+
+    pub._produce = capture  # type: ignore[method-assign]
     pub.publish(spec.name, keys, vectors, version=1)
     return out
 

@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,7 @@ class Raw:
 
 
 def measure(
-    url: str, reqs: list[tuple[str, str, bytes | None, str | None]], warm: int
+    url: str, reqs: Sequence[tuple[str, str, bytes | None, str | None]], warm: int
 ) -> np.ndarray:
     raw = Raw(url)
     try:
@@ -412,8 +413,8 @@ def main() -> None:
                 sp.stop()
             procs[:] = [p for p in procs if p not in (main_p, *sparse)]
     finally:
-        for p in procs:
-            p.stop()
+        for proc_ in procs:
+            proc_.stop()
         for proc in processors:
             stop_processor(proc)
         broker.stop()

@@ -18,6 +18,7 @@ in-process. One client thread; keep-alive connections.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import tempfile
@@ -111,12 +112,16 @@ def main() -> None:
             sample = keys[rng.integers(0, ROWS, batch)]
             for lo in range(0, ROWS, 50_000):  # every row resident: measure the cache path
                 worker.lookup("user", keys[lo : lo + 50_000])
-            n, lat = timed(lambda s=sample: worker.lookup("user", s), args.seconds)
+            n, lat = timed(functools.partial(worker.lookup, "user", sample), args.seconds)
             ceiling = batch * n / lat.sum()
             results.append(row("in-process", batch, n, lat, ceiling))
-            n, lat = timed(lambda s=sample: client.lookup("user", s, binary=True), args.seconds)
+            n, lat = timed(
+                functools.partial(client.lookup, "user", sample, binary=True), args.seconds
+            )
             results.append(row("http binary", batch, n, lat, ceiling))
-            n, lat = timed(lambda s=sample: client.lookup("user", s, binary=False), args.seconds)
+            n, lat = timed(
+                functools.partial(client.lookup, "user", sample, binary=False), args.seconds
+            )
             results.append(row("http json", batch, n, lat, ceiling))
         n, lat = timed(client.healthy, args.seconds)
         results.append(row("http floor (/healthz)", 1, n, lat, None))

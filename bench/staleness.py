@@ -560,7 +560,11 @@ def main() -> None:
         CudaCache.upsert_async = EmbeddingCache.upsert_async  # type: ignore[method-assign]
         CudaCache.write_piece_rows = 1 << 30
     if args.single_consume:
-        ingest.consume_batch = lambda c, n, t: c.consume(num_messages=n, timeout=t)
+
+        def consume_once(consumer: Any, max_messages: int, timeout: float) -> list[Any]:
+            return list(consumer.consume(num_messages=max_messages, timeout=timeout))
+
+        ingest.consume_batch = consume_once
     if args.fetch_wait_ms is not None:
         CONSUMER_DEFAULTS["fetch.wait.max.ms"] = args.fetch_wait_ms
     broker = None

@@ -289,4 +289,4 @@ class RequestHandler(BaseHTTPRequestHandler):
 def _wire_bytes(a: np.ndarray) -> memoryview:
     """A little-endian, C-contiguous array's bytes as a flat view (copies only when it must)."""
     a = np.ascontiguousarray(a.astype(a.dtype.newbyteorder("<"), copy=False))
-    return memoryview(a.reshape(-1).view(np.uint8))
+    return a.reshape(-1).view(np.uint8).data
