@@ -226,6 +226,7 @@ def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
                 train_error.append(e)
                 stop.set()
 
+        rows_at_server_start = trainer.stats.rows_published  # the server reads these from LMDB
         train_thread = threading.Thread(target=train, name="demo-trainer", daemon=True)
         train_thread.start()
 
@@ -248,7 +249,16 @@ def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
         final_status = client.status()
         s = trainer.stats
         applied_min = min(applied.values()) if applied else 0
+        # publish -> visible to lookups over the rows the server consumed (schemas/README.md)
+        visible = (final_status.get("worker") or {}).get("apply_latency_ms") or {}
         summary.update(
+            rows_visible_ms_p50=visible.get("p50"),
+            rows_visible_ms_p99=visible.get("p99"),
+            rows_visible_ms_max=visible.get("max"),
+            rows_visible_counted=visible.get("rows", 0),
+            rows_published_at_server_start=rows_at_server_start,
+            commit_interval_s=opts.publish_every / opts.steps_per_second,
+            max_staleness_s=opts.max_staleness_s,
             rows_published=s.rows_published,
             commits=s.commits,
             last_committed_version=last,
@@ -385,6 +395,7 @@ def _traffic_loop(
                     if rates:
                         ingest.append(float(sum(rates)))
                     state["applied"] = sample.get("applied_version") or {}
+                    state["visible_ms"] = sample.get("visible_ms")
                 except ServerError as e:
                     log.warning("status poll failed: %s", e)
                 if not opts.live:

@@ -66,6 +66,9 @@ class StatusHistory:
             "hit_ratio": {},
             "ingest_rows_per_s": {},
             "dense_version": self.server.dense_version,
+            # publish -> visible to lookups of the worker's recent rows (ms: p50, p99, max, rows;
+            # None before any), the freshness a user sees (schemas/README.md, "Freshness")
+            "visible_ms": stats.get("apply_latency_ms") if isinstance(stats, dict) else None,
         }
         if self._last is not None:
             t_prev, rows_prev, c_prev, looked_prev = self._last

@@ -1,5 +1,8 @@
 """How far behind the stream head a worker is, per table and partition (DESIGN.md invariant 4).
 
+The three freshness figures (publish -> visible, seconds behind the head, versions behind) and
+how commit cadence enters them are defined in ``schemas/README.md`` ("Freshness").
+
 The worker learns the head from watermark probes: every ``probe_interval`` a monitor thread
 asks the broker for each partition's high watermark, noting the time it *sent* the request.
 A probe ``(hw, t)`` says "at time ``t`` the partition held fewer than ``hw`` messages". Once the

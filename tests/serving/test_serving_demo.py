@@ -54,7 +54,15 @@ def test_demo_runs_end_to_end_and_online_beats_frozen(tmp_path: Path) -> None:
     assert s["versions_applied"] == s["commits"]
     assert s["dense_version_served"] == s["last_committed_version"]
     assert s["predictions_served"] > 0 and not s["predict_errors"]
-    assert s["staleness_s_p99"] is not None and s["staleness_s_p99"] <= 2.0  # the configured bound
+    # Freshness (schemas/README.md): every row the server consumed was measured, and none took
+    # longer than the staleness bound (2 s) from publish to visible. The demo's own target
+    # (p99 <= 250 ms on 2 cores) is bench material; a loaded CI box only has to stay in bound.
+    rows_after_start = s["rows_published"] - s["rows_published_at_server_start"]
+    assert s["rows_visible_counted"] >= rows_after_start > 0
+    assert s["rows_visible_ms_p50"] <= s["rows_visible_ms_p99"] <= s["rows_visible_ms_max"]
+    assert s["rows_visible_ms_p99"] <= 1000 * s["max_staleness_s"]
+    # ... and the probe's "behind the head" figure stayed in bound: the server was never unready
+    assert s["staleness_s_p99"] is not None and s["staleness_s_p99"] <= s["max_staleness_s"]
     assert 0.0 <= s["cache_hit_ratio"] <= 1.0
     # the point of the system: fresh embeddings beat a copy that gets no updates
     assert s["auc_online_late"] > s["auc_frozen_late"] + 0.03, s["auc_windows"]

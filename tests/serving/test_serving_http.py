@@ -225,6 +225,7 @@ def test_status_page_and_its_data_endpoint(deployment) -> None:  # type: ignore[
     ):
         assert set(last[key]) == {"user", "item"}, key
     assert last["applied_version"]["user"] >= 1
+    assert "visible_ms" in last  # publish -> visible of recent rows (None before any)
 
 
 def test_predict_answers_503_until_a_dense_model_then_matches_the_model(deployment) -> None:  # type: ignore[no-untyped-def]
