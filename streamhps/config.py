@@ -42,22 +42,63 @@ ENV_BOOTSTRAP = "STREAMHPS_BOOTSTRAP"
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
 
+_KINDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "bool": (bool, "true or false"),
+    "int": (int, "an integer"),
+    "float": ((int, float), "a number"),
+    "str": (str, "a string"),
+}
+
+
+def _check_fields(obj: Any, where: str) -> None:
+    """Each field's type and numeric ``_limits``; the error names ``<where><field>``."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        kind, what = _KINDS[str(f.type)]
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+            raise ConfigError(f"{where}{f.name} must be {what}, got {value!r}")
+        limits = f.metadata.get("schema", {})
+        for key, op, ok in [
+            ("minimum", ">=", lambda v, m: v >= m),
+            ("maximum", "<=", lambda v, m: v <= m),
+            ("exclusiveMinimum", ">", lambda v, m: v > m),
+        ]:
+            if key in limits and not ok(value, limits[key]):
+                raise ConfigError(f"{where}{f.name} must be {op} {limits[key]}, got {value!r}")
+
+
+def _limits(**schema: Any) -> dict[str, Any]:
+    """Field metadata: the JSON Schema keywords (``minimum``, ``pattern``, ``enum``...) of what
+    ``__post_init__`` accepts, copied into ``schemas/config.schema.json`` by
+    :mod:`streamhps.config_schema` (``tests/test_config_schema.py`` checks the two agree)."""
+    return {"schema": schema}
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """One embedding table.
 
-    ``missing`` says what a never-published key returns: ``"error"`` (raise
+    Fields (each line below is that field's description in ``schemas/config.schema.json``):
+
+    ``name``: the table's name; its updates travel on topic ``<topic_prefix>.<name>``
+    (``dense`` is reserved for the dense-model topic).
+    ``dim``: elements per row.
+    ``dtype``: element type of the rows, on the wire and in LMDB and the caches.
+    ``partitions``: partitions of the table's topic (a key's partition is fixed by
+    ``schemas/PARTITIONING.md``).
+    ``missing``: what a never-published key returns: ``"error"`` (raise
     :class:`~streamhps.errors.MissingKeyError`, the default, for lookups that must be exact),
     ``"zeros"``, or ``"init:<seed>"`` (a deterministic pseudo-random vector per key, the same in
-    every process). ``insert_on_update``: whether a worker inserts streamed rows it does not
-    hold yet into its cache (True) or only refreshes rows already resident (False).
+    every process).
+    ``insert_on_update``: whether a worker inserts streamed rows it does not hold yet into its
+    cache (true) or only refreshes rows already resident (false).
     """
 
-    name: str
-    dim: int
-    dtype: str = "float32"
-    partitions: int = 1
-    missing: str = "error"
+    name: str = field(metadata=_limits(pattern=_NAME_RE.pattern, **{"not": {"const": "dense"}}))
+    dim: int = field(metadata=_limits(minimum=1, maximum=65536))
+    dtype: str = field(default="float32", metadata=_limits(enum=list(DTYPES)))
+    partitions: int = field(default=1, metadata=_limits(minimum=1, maximum=10000))
+    missing: str = field(default="error", metadata=_limits(pattern=_MISSING_RE.pattern))
     insert_on_update: bool = True
 
     def __post_init__(self) -> None:
@@ -91,6 +132,7 @@ class TableSpec:
             raise ConfigError(
                 f"table {self.name!r}: missing must be 'error', 'zeros' or 'init:<seed>', got {self.missing!r}"
             )
+        _check_fields(self, f"table {self.name!r}: ")
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -103,16 +145,17 @@ class TableSpec:
 
 @dataclass(frozen=True)
 class ServingSettings:
-    """Inference-worker settings.
+    """Inference-worker settings (``[serving]``).
 
     ``max_staleness_s``: past this many seconds behind the stream head, a worker reports
     not-ready and bounded reads raise :class:`~streamhps.errors.StaleReadError`.
     ``cache_capacity``: rows per table held by the worker's cache.
     ``warm_from_store``: fill the cache from LMDB on start (up to capacity).
+    ``max_lookup_keys``: most keys one lookup request may carry; a larger request is refused.
     """
 
-    max_staleness_s: float = 1.0
-    cache_capacity: int = 1 << 20
+    max_staleness_s: float = field(default=1.0, metadata=_limits(exclusiveMinimum=0))
+    cache_capacity: int = field(default=1 << 20, metadata=_limits(minimum=1))
     warm_from_store: bool = True
     max_lookup_keys: int = 1 << 20
 
@@ -125,11 +168,12 @@ class ServingSettings:
             raise ConfigError(
                 f"serving.cache_capacity must be a positive row count, got {self.cache_capacity!r}"
             )
+        _check_fields(self, "serving.")
 
 
 @dataclass(frozen=True)
 class ProcessorSettings:
-    """Stream-processor settings.
+    """Stream-processor settings (``[processor]``).
 
     ``batch_max_messages`` / ``batch_max_seconds``: how many messages (or how long) the processor
     gathers before one LMDB write transaction; bigger batches compact more and write faster,
@@ -153,16 +197,19 @@ class ProcessorSettings:
     that lag tools see the processor; LMDB stays the source of truth for where to resume.
     """
 
-    batch_max_messages: int = 256
-    batch_max_seconds: float = 0.05
+    batch_max_messages: int = field(default=256, metadata=_limits(minimum=1))
+    batch_max_seconds: float = field(default=0.05, metadata=_limits(exclusiveMinimum=0))
     lmdb_sync: bool = True
-    map_size_bytes: int = 1 << 30
+    map_size_bytes: int = field(default=1 << 30, metadata=_limits(minimum=1 << 20))
     lmdb_metasync: bool = True
     lmdb_writemap: bool = False
     lmdb_map_async: bool = False
-    progress_interval_s: float = 10.0
-    history_check_s: float = 1.0
+    progress_interval_s: float = field(default=10.0, metadata=_limits(exclusiveMinimum=0))
+    history_check_s: float = field(default=1.0, metadata=_limits(exclusiveMinimum=0))
     kafka_commit: bool = True
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "processor.")
 
 
 @dataclass(frozen=True)
@@ -170,7 +217,7 @@ class Config:
     """The whole configuration. ``kafka`` holds librdkafka dotted keys, passed through as they are."""
 
     tables: tuple[TableSpec, ...]
-    topic_prefix: str = "streamhps"
+    topic_prefix: str = field(default="streamhps", metadata=_limits(pattern=_NAME_RE.pattern))
     kafka: dict[str, Any] = field(default_factory=lambda: {"bootstrap.servers": DEFAULT_BOOTSTRAP})
     serving: ServingSettings = field(default_factory=ServingSettings)
     processor: ProcessorSettings = field(default_factory=ProcessorSettings)
