@@ -1,6 +1,6 @@
 """HTTP front end over one :class:`~streamhps.worker.InferenceWorker` plus the dense model.
 
-Read-only by construction: no route writes a row (DESIGN.md invariant 8). Routes::
+Read-only by construction: no route writes a row (invariant 8, docs/INVARIANTS.md). Routes::
 
     GET  /             status page (live charts, polls /v1/history)
     GET  /healthz      200 while the process serves HTTP

@@ -1,7 +1,7 @@
 """streamhps: embedding updates from an online-training job to GPU inference.
 
 Kafka carries the updates, LMDB keeps the persistent tier, inference workers keep a CUDA (or
-numpy) cache fresh with bounded staleness. See README.md and DESIGN.md.
+numpy) cache fresh with bounded staleness. See README.md and docs/INVARIANTS.md.
 """
 
 from streamhps.config import Config, TableSpec

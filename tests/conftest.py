@@ -1,6 +1,6 @@
 """Shared fixtures.
 
-Broker tiers (DESIGN.md): ``$STREAMHPS_BOOTSTRAP`` names an existing cluster; otherwise one
+Broker tiers (README.md, "Tests"): ``$STREAMHPS_BOOTSTRAP`` names an existing cluster; otherwise one
 embedded Tansu broker is started for the session. ``docker`` tests get real Apache Kafka from
 testcontainers and skip where no Docker daemon answers. ``gpu`` tests skip without CUDA.
 """

@@ -15,8 +15,8 @@ anywhere replays only what LMDB does not hold, and versions make any replay harm
 No consumer-group membership means a restart after ``kill -9`` starts at once: there is no
 dead member whose session must time out first.
 
-This loop is the data path and the only code that holds the invariants above;
-:mod:`.service` runs it inside a faust-streaming worker (process lifecycle, web views, progress
+This loop is the data path and the only code that holds invariants 1, 2, 5, 6 and 7 for LMDB
+(docs/INVARIANTS.md); :mod:`.service` runs it inside a faust-streaming worker (process lifecycle, web views, progress
 timer) and says, with numbers, why it is not a faust agent.
 
 Broker history lost: the topic's broker id differs from the one stored beside the offsets

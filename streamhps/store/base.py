@@ -4,7 +4,7 @@ A store holds, per table, one row per key (the vector and the version that wrote
 offsets its rows came from ("next offset to consume" per ``(topic, partition)``), and the applied
 version of each partition (the last commit marker whose rows it holds). Rows, offsets and markers
 of one batch become visible together (one write transaction), so a reader never sees offsets
-ahead of the rows they stand for (DESIGN.md invariant 5).
+ahead of the rows they stand for (invariant 5, docs/INVARIANTS.md).
 """
 
 from __future__ import annotations

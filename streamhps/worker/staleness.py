@@ -1,4 +1,4 @@
-"""How far behind the stream head a worker is, per table and partition (DESIGN.md invariant 4).
+"""How far behind the stream head a worker is, per table and partition (invariant 4, docs/INVARIANTS.md).
 
 The three freshness figures (publish -> visible, seconds behind the head, versions behind) and
 how commit cadence enters them are defined in ``schemas/README.md`` ("Freshness").

@@ -1,8 +1,8 @@
 """The worker's window of recent rows: what it consumed that the LMDB tier may not hold yet.
 
-DESIGN.md invariant 3 (no stale resurrection): a worker that consumed version 2 of a key it
-did not cache, and later misses that key while the processor is still writing version 1 to
-LMDB, must serve version 2. So the worker keeps every row it consumed until the store's
+Invariant 3 (no stale resurrection, docs/INVARIANTS.md): a worker that consumed version 2 of
+a key it did not cache, and later misses that key while the processor is still writing
+version 1 to LMDB, must serve version 2. So the worker keeps every row it consumed until the store's
 offsets show that the processor has written it, and a miss consults this window before LMDB
 (the higher version wins).
 
