@@ -370,7 +370,7 @@ def _traffic_loop(
                 w.frozen.append(frozen.predict(feats, b.dense))
                 w.oracle.append(b.p_true)
             except ServerError as e:
-                kind = getattr(e, "kind", "ServerError")
+                kind = e.kind or "ServerError"
                 errors[kind] = errors.get(kind, 0) + 1
                 log.warning("predict failed: %s", e)
             if now - t0 - windows[-1].t0 >= window_s:

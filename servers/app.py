@@ -58,9 +58,10 @@ from servers.history import StatusHistory
 from servers.metrics import LATENCY_BUCKETS, Histogram, render_metrics
 from servers.model import ServedModel
 from servers.payloads import CONSISTENCY, Query, RequestPayloads
-from servers.routes import MAX_BODY_BYTES, ROUTES, RequestHandler, jsonable
+from servers.routes import MAX_BODY_BYTES, RequestHandler, jsonable
 from streamhps.config import Config
 from streamhps.errors import ValidationError
+from streamhps.http_protocol import ROUTES
 
 __all__ = [
     "CONSISTENCY",

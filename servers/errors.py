@@ -1,7 +1,8 @@
-"""How the server refuses a request: :class:`HTTPError`, and the worker's errors as HTTP answers.
+"""How the server refuses a request: :class:`HTTPError`, and the library's errors as HTTP answers.
 
-Every refusal goes out as JSON ``{"error": {"type": <kind>, "message": ...}}``; the client
-maps ``type`` back to the streamhps exception of that name.
+Every refusal goes out as JSON ``{"error": {"type": <kind>, "message": ...}}``
+(:func:`streamhps.http_protocol.error_body`); the client raises the streamhps exception of that
+name again (:func:`streamhps.http_protocol.error_from_answer`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from streamhps.errors import MissingKeyError, NotOwnedError, StaleReadError, UnknownTableError
+from streamhps.errors import StreamHPSError
+from streamhps.http_protocol import answer_for
 
 
 class HTTPError(Exception):
@@ -23,14 +25,12 @@ class HTTPError(Exception):
 
 @contextlib.contextmanager
 def lookup_errors() -> Iterator[None]:
-    """Worker errors of a lookup as the HTTP answers clients map back to exceptions."""
+    """The worker's request errors (missing key, another shard's key, stale, unknown table) as
+    the HTTP answers of :data:`streamhps.http_protocol.STATUS_OF`."""
     try:
         yield
-    except MissingKeyError as e:
-        raise HTTPError(404, str(e), "MissingKeyError") from None
-    except NotOwnedError as e:  # 421 Misdirected Request: ask the shard that serves the key
-        raise HTTPError(421, str(e), "NotOwnedError") from None
-    except StaleReadError as e:  # ShardUnavailableError too (a main whose shard is down)
-        raise HTTPError(503, str(e), type(e).__name__) from None
-    except UnknownTableError as e:
-        raise HTTPError(404, str(e), "UnknownTableError") from None
+    except StreamHPSError as e:
+        answer = answer_for(e)
+        if answer is None:
+            raise
+        raise HTTPError(answer[0], str(e), answer[1]) from None

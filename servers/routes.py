@@ -1,7 +1,8 @@
 """Routing: the server's routes and the HTTP handler that answers them.
 
 Every method goes through one dispatcher (unknown methods answer 405, unknown paths 404); a
-refusal is an :class:`~servers.errors.HTTPError` rendered as JSON.
+refusal is an :class:`~servers.errors.HTTPError` rendered as JSON. The routes, header names and
+error body are the protocol the clients share: :mod:`streamhps.http_protocol`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import numpy as np
 from servers.errors import HTTPError
 from servers.metrics import render_metrics
 from servers.status_page import PAGE
-from streamhps.client import encode_layout
+from streamhps import http_protocol as proto
 from streamhps.errors import StreamHPSError
+from streamhps.http_protocol import ROUTES, encode_layout, error_body
 
 if TYPE_CHECKING:
     from servers.app import InferenceServer
@@ -27,19 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20
-
-ROUTES: dict[str, tuple[str, ...]] = {
-    "/": ("GET",),
-    "/healthz": ("GET",),
-    "/readyz": ("GET",),
-    "/metrics": ("GET",),
-    "/v1/status": ("GET",),
-    "/v1/history": ("GET",),
-    "/v1/lookup": ("POST",),
-    "/v1/lookup_many": ("POST",),
-    "/v1/predict": ("POST",),
-    "/favicon.ico": ("GET",),
-}
 
 
 def jsonable(x: Any) -> Any:
@@ -114,7 +103,9 @@ class RequestHandler(BaseHTTPRequestHandler):
         try:
             body = self._read_body()
             self.server.end_reading(self.connection)  # type: ignore[attr-defined]
-            if path != "/healthz" and not self.app.authorized(self.headers.get("Authorization")):
+            if path not in proto.UNAUTHENTICATED and not self.app.authorized(
+                self.headers.get("Authorization")
+            ):
                 raise HTTPError(
                     401,
                     "this server needs 'Authorization: Bearer <token>' (it runs with "
@@ -139,16 +130,14 @@ class RequestHandler(BaseHTTPRequestHandler):
             extra = {"Allow": ", ".join(ROUTES[path])} if e.status == 405 else {}
             if e.status == 401:
                 extra = {"WWW-Authenticate": 'Bearer realm="streamhps"'}
-            self._json(e.status, {"error": {"type": e.kind, "message": str(e)}}, extra)
+            self._json(e.status, error_body(e.kind, str(e)), extra)
         except StreamHPSError as e:
             self.app.count(errors=1)
-            self._json(500, {"error": {"type": type(e).__name__, "message": str(e)}})
+            self._json(500, error_body(type(e).__name__, str(e)))
         except Exception as e:  # noqa: BLE001 - answer 500 with the reason rather than drop the connection
             log.exception("request %s %s failed", method, self.path)
             self.app.count(errors=1)
-            self._json(
-                500, {"error": {"type": "ServerError", "message": f"{type(e).__name__}: {e}"}}
-            )
+            self._json(500, error_body("ServerError", f"{type(e).__name__}: {e}"))
 
     def _read_body(self) -> bytes:
         """The body, refused before a byte of it is read if it is chunked or over the limit."""
@@ -185,8 +174,8 @@ class RequestHandler(BaseHTTPRequestHandler):
         return body
 
     def _json_body(self, body: bytes) -> Any:
-        ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip()
-        if ctype != "application/json":
+        ctype = (self.headers.get("Content-Type") or proto.JSON).split(";")[0].strip()
+        if ctype != proto.JSON:
             raise HTTPError(
                 415,
                 f"Content-Type {ctype!r}: send application/json (or application/octet-stream to /v1/lookup)",
@@ -200,58 +189,58 @@ class RequestHandler(BaseHTTPRequestHandler):
 
     def _route(self, path: str, query: dict[str, list[str]], body: bytes) -> None:
         app = self.app
-        if path == "/":
+        if path == proto.PAGE:
             self._send(200, PAGE.encode(), "text/html; charset=utf-8")
-        elif path == "/favicon.ico":
+        elif path == proto.FAVICON:
             self._send(204, b"", "image/x-icon")  # browsers ask; not an error
-        elif path == "/healthz":
+        elif path == proto.HEALTHZ:
             self._json(200, {"status": "ok"})
-        elif path == "/readyz":
+        elif path == proto.READYZ:
             ready = bool(app.worker.ready())
             if ready:
                 self._json(200, {"ready": True})
             else:
                 self._json(503, {"ready": False, "reason": app.worker.not_ready_reason()})
-        elif path == "/metrics":
+        elif path == proto.METRICS:
             self._send(
                 200, render_metrics(app).encode(), "text/plain; version=0.0.4; charset=utf-8"
             )
-        elif path == "/v1/status":
+        elif path == proto.STATUS:
             self._json(200, app.status())
-        elif path == "/v1/history":
+        elif path == proto.HISTORY:
             try:
                 seconds = float((query.get("seconds") or ["300"])[0])
             except ValueError:
                 raise HTTPError(400, "'seconds' must be a number") from None
             self._json(200, app.history.view(seconds))
-        elif path == "/v1/lookup":
+        elif path == proto.LOOKUP:
             ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-            if ctype == "application/octet-stream":
+            if ctype == proto.BINARY:
                 vecs = app.handle_lookup_binary(query, body)
                 self._send(
-                    200, vecs.astype(vecs.dtype.newbyteorder("<"), copy=False).tobytes(), "application/octet-stream",
-                    {"X-Streamhps-Dtype": vecs.dtype.newbyteorder("<").str,
-                     "X-Streamhps-Shape": f"{vecs.shape[0]},{vecs.shape[1] if vecs.ndim == 2 else 0}"},
+                    200, vecs.astype(vecs.dtype.newbyteorder("<"), copy=False).tobytes(), proto.BINARY,
+                    {proto.DTYPE_HEADER: vecs.dtype.newbyteorder("<").str,
+                     proto.SHAPE_HEADER: f"{vecs.shape[0]},{vecs.shape[1] if vecs.ndim == 2 else 0}"},
                 )  # fmt: skip
             else:
                 self._json(200, app.handle_lookup_json(self._json_body(body)), clean=True)
-        elif path == "/v1/lookup_many":
+        elif path == proto.LOOKUP_MANY:
             ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-            if ctype != "application/octet-stream":
+            if ctype != proto.BINARY:
                 raise HTTPError(415, "/v1/lookup_many takes application/octet-stream int64 keys")
             rows = app.handle_lookup_many_binary(query, body)
             # each table's rows straight from its array to the socket: no tobytes, no join (two
             # fresh copies of the whole answer, ~9 ms per 16 MB on the 2-core machine)
             parts = [_wire_bytes(a) for a in rows.values()]
-            self._send(200, parts, "application/octet-stream",
-                       {"X-Streamhps-Layout": encode_layout(rows)})  # fmt: skip
-        elif path == "/v1/predict":
+            self._send(200, parts, proto.BINARY,
+                       {proto.LAYOUT_HEADER: encode_layout(rows)})  # fmt: skip
+        elif path == proto.PREDICT:
             ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
-            if ctype == "application/octet-stream":
+            if ctype == proto.BINARY:
                 scores, version = app.handle_predict_binary(query, body)
-                self._send(200, scores.astype("<f4").tobytes(), "application/octet-stream",
-                           {"X-Streamhps-Dense-Version": str(version),
-                            "X-Streamhps-Shape": str(scores.shape[0])})  # fmt: skip
+                self._send(200, scores.astype("<f4").tobytes(), proto.BINARY,
+                           {proto.DENSE_VERSION_HEADER: str(version),
+                            proto.SHAPE_HEADER: str(scores.shape[0])})  # fmt: skip
             else:
                 self._json(200, app.handle_predict(self._json_body(body)), clean=True)
 
@@ -263,7 +252,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         data = json.dumps(
             obj if clean else jsonable(obj), separators=(",", ":"), allow_nan=False
         ).encode()
-        self._send(status, data, "application/json", headers)
+        self._send(status, data, proto.JSON, headers)
 
     def _send(
         self,

@@ -48,22 +48,32 @@ from streamhps.errors import (
     ServerError,
     ShardUnavailableError,
     StaleReadError,
-    StreamHPSError,
     UnknownTableError,
 )
+from streamhps.http_protocol import (
+    BINARY,
+    DENSE_VERSION_HEADER,
+    DTYPE_HEADER,
+    HEALTHZ,
+    HISTORY,
+    JSON,
+    LAYOUT_HEADER,
+    LOOKUP,
+    LOOKUP_MANY,
+    METRICS,
+    PREDICT,
+    READYZ,
+    SHAPE_HEADER,
+    STATUS,
+    decode_rows,
+    error_from_answer,
+)
+from streamhps.http_protocol import encode_layout as encode_layout  # the old import path
 
 if TYPE_CHECKING:
     from streamhps.placement import Placement
 
 log = logging.getLogger(__name__)
-
-_ERRORS: dict[str, type[StreamHPSError]] = {
-    "UnknownTableError": UnknownTableError,
-    "MissingKeyError": MissingKeyError,
-    "StaleReadError": StaleReadError,
-    "ShardUnavailableError": ShardUnavailableError,
-    "NotOwnedError": NotOwnedError,
-}
 
 
 class InferenceClient:
@@ -103,26 +113,21 @@ class InferenceClient:
 
         ``binary=True`` (default) sends int64 keys and gets raw rows back; ``False`` uses the
         JSON form (the same rows, ~100x slower for large batches: every float is printed)."""
-        k = np.asarray(keys)
-        if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
-            raise ValueError(
-                f"keys must be a flat sequence of integer ids, got dtype {k.dtype} shape {k.shape}"
-            )
-        k = k.view(np.int64) if k.dtype == np.uint64 else k.astype(np.int64, copy=False)
+        k = _int64_keys(keys)
         if binary:
-            path = f"/v1/lookup?table={quote(table)}&consistency={quote(consistency)}"
+            path = f"{LOOKUP}?table={quote(table)}&consistency={quote(consistency)}"
             body = np.ascontiguousarray(k, dtype="<i8").tobytes()
-            status, headers, data = self._request("POST", path, body, "application/octet-stream")
+            status, headers, data = self._request("POST", path, body, BINARY)
             self._raise_for(status, data)
-            dtype = np.dtype(headers.get("x-streamhps-dtype", "<f4"))
-            n, dim = (int(x) for x in headers.get("x-streamhps-shape", "0,0").split(","))
+            dtype = np.dtype(headers.get(DTYPE_HEADER.lower(), "<f4"))
+            n, dim = (int(x) for x in headers.get(SHAPE_HEADER.lower(), "0,0").split(","))
             return (
                 np.frombuffer(data, dtype=dtype)
                 .reshape(n, dim)
                 .astype(dtype.newbyteorder("="), copy=False)
             )
         out = self._call(
-            "POST", "/v1/lookup", {"table": table, "keys": k.tolist(), "consistency": consistency}
+            "POST", LOOKUP, {"table": table, "keys": k.tolist(), "consistency": consistency}
         )
         dim = int(out["dim"])
         return np.asarray(out["vectors"], dtype=out["dtype"]).reshape(-1, dim)
@@ -136,13 +141,13 @@ class InferenceClient:
         if not tables:
             return {}
         path = (
-            f"/v1/lookup_many?tables={quote(','.join(tables))}"
+            f"{LOOKUP_MANY}?tables={quote(','.join(tables))}"
             f"&counts={','.join(str(k.shape[0]) for k in ks)}&consistency={quote(consistency)}"
         )
         body = b"".join(np.ascontiguousarray(k, dtype="<i8").tobytes() for k in ks)
-        status, headers, data = self._request("POST", path, body, "application/octet-stream")
+        status, headers, data = self._request("POST", path, body, BINARY)
         self._raise_for(status, data)
-        return decode_rows(headers.get("x-streamhps-layout", ""), data)
+        return decode_rows(headers.get(LAYOUT_HEADER.lower(), ""), data)
 
     def predict(
         self,
@@ -172,26 +177,20 @@ class InferenceClient:
         if binary:
             ids = []
             for t, v in features.items():
-                k = np.asarray(v)
-                if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
-                    raise ValueError(
-                        f"features[{t!r}] must be a flat sequence of integer ids, got dtype "
-                        f"{k.dtype} shape {k.shape}"
-                    )
-                k = k.view(np.int64) if k.dtype == np.uint64 else k
+                k = _int64_keys(v, f"features[{t!r}]")
                 ids.append(np.ascontiguousarray(k, dtype="<i8"))
             n = ids[0].size if ids else 0
             x = np.zeros((n, 0), "<f4") if dense is None else np.asarray(dense, dtype="<f4")
             path = (
-                f"/v1/predict?tables={quote(','.join(features))}"
+                f"{PREDICT}?tables={quote(','.join(features))}"
                 f"&counts={','.join(str(k.size) for k in ids)}&consistency={quote(consistency)}"
             )
             payload = b"".join([*(k.tobytes() for k in ids), np.ascontiguousarray(x).tobytes()])
-            status, headers, data = self._request("POST", path, payload, "application/octet-stream")
+            status, headers, data = self._request("POST", path, payload, BINARY)
             self._raise_for(status, data)
             return {
                 "scores": np.frombuffer(data, dtype="<f4").astype(np.float32),
-                "dense_version": int(headers.get("x-streamhps-dense-version", 0)),
+                "dense_version": int(headers.get(DENSE_VERSION_HEADER.lower(), 0)),
             }
         body: dict[str, Any] = {
             "features": {t: np.asarray(v).tolist() for t, v in features.items()},
@@ -199,29 +198,29 @@ class InferenceClient:
         }
         if dense is not None:
             body["dense"] = np.asarray(dense, dtype=np.float64).tolist()
-        return dict(self._call("POST", "/v1/predict", body))
+        return dict(self._call("POST", PREDICT, body))
 
     def status(self) -> dict[str, Any]:
-        return dict(self._call("GET", "/v1/status"))
+        return dict(self._call("GET", STATUS))
 
     def history(self, seconds: float = 300) -> dict[str, Any]:
-        return dict(self._call("GET", f"/v1/history?seconds={seconds}"))
+        return dict(self._call("GET", f"{HISTORY}?seconds={seconds}"))
 
     def metrics(self) -> str:
-        status, _, data = self._request("GET", "/metrics")
+        status, _, data = self._request("GET", METRICS)
         self._raise_for(status, data)
         return data.decode()
 
     def healthy(self) -> bool:
         try:
-            status, _, _ = self._request("GET", "/healthz")
+            status, _, _ = self._request("GET", HEALTHZ)
         except ServerError:
             return False
         return status == 200
 
     def ready(self) -> tuple[bool, str | None]:
         """(ready, reason): the server's /readyz answer."""
-        status, _, data = self._request("GET", "/readyz")
+        status, _, data = self._request("GET", READYZ)
         body = json.loads(data) if data else {}
         return status == 200, body.get("reason")
 
@@ -304,9 +303,7 @@ class InferenceClient:
 
     def _call(self, method: str, path: str, payload: Any = None) -> Any:
         body = None if payload is None else json.dumps(payload).encode()
-        status, _, data = self._request(
-            method, path, body, "application/json" if body is not None else None
-        )
+        status, _, data = self._request(method, path, body, JSON if body is not None else None)
         self._raise_for(status, data)
         return json.loads(data)
 
@@ -314,16 +311,7 @@ class InferenceClient:
     def _raise_for(status: int, data: bytes) -> None:
         if status < 400:
             return
-        kind, message = "ServerError", data[:500].decode(errors="replace")
-        try:
-            err = json.loads(data)["error"]
-            kind, message = str(err["type"]), str(err["message"])
-        except (ValueError, KeyError, TypeError):
-            pass
-        exc = _ERRORS.get(kind, ServerError)(f"{message} (HTTP {status})")
-        exc.status = status  # type: ignore[attr-defined]
-        exc.kind = kind  # type: ignore[attr-defined]
-        raise exc
+        raise error_from_answer(status, data)
 
 
 class AsyncInferenceClient:
@@ -375,38 +363,13 @@ class AsyncInferenceClient:
         await self.close()
 
 
-def _int64_keys(keys: Sequence[int] | np.ndarray) -> np.ndarray:
+def _int64_keys(keys: Sequence[int] | np.ndarray, what: str = "keys") -> np.ndarray:
     k = np.asarray(keys)
     if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
         raise ValueError(
-            f"keys must be a flat sequence of integer ids, got dtype {k.dtype} shape {k.shape}"
+            f"{what} must be a flat sequence of integer ids, got dtype {k.dtype} shape {k.shape}"
         )
     return k.view(np.int64) if k.dtype == np.uint64 else k.astype(np.int64, copy=False)
-
-
-def encode_layout(rows: Mapping[str, np.ndarray]) -> str:
-    """``X-Streamhps-Layout`` of a multi-table answer: ``table:dtype:n:dim,...`` (dtype as numpy's
-    little-endian type string, e.g. ``<f4``), in body order."""
-    return ",".join(
-        f"{t}:{a.dtype.newbyteorder('<').str}:{a.shape[0]}:{a.shape[1] if a.ndim == 2 else 0}"
-        for t, a in rows.items()
-    )
-
-
-def decode_rows(layout: str, data: bytes) -> dict[str, np.ndarray]:
-    """Split a multi-table answer body by its layout header (zero-copy views)."""
-    out: dict[str, np.ndarray] = {}
-    off = 0
-    for item in filter(None, layout.split(",")):
-        table, dt, n, dim = item.rsplit(":", 3)
-        dtype = np.dtype(dt)
-        count = int(n) * int(dim)
-        a = np.frombuffer(data, dtype=dtype, count=count, offset=off).reshape(int(n), int(dim))
-        out[table] = a.astype(dtype.newbyteorder("="), copy=False)
-        off += count * dtype.itemsize
-    if off != len(data):
-        raise ServerError(f"lookup_many answer is {len(data)} bytes but its layout says {off}")
-    return out
 
 
 class ShardedClient:
@@ -550,7 +513,7 @@ class ShardedClient:
             raise type(e)(f"shard {shard} ({client.url}): {self._said(e)}") from e
         except ServerError as e:
             self._count_error()
-            status = getattr(e, "status", None)
+            status = e.status
             if status is None or status >= 500:  # down, stopping, or failing: not answering
                 raise ShardUnavailableError(
                     f"shard {shard} ({client.url}) is unavailable: {e}"

@@ -29,6 +29,11 @@ from __future__ import annotations
 class StreamHPSError(Exception):
     """Root of every streamhps error."""
 
+    status: int | None = None
+    """The HTTP status of the server's answer this error was raised from (None: raised here)."""
+    kind: str | None = None
+    """The error ``type`` that answer named (the server-side exception class name)."""
+
 
 class ConfigError(StreamHPSError, ValueError):
     """The configuration is invalid; the message names the key. Fix the file and restart."""

@@ -248,10 +248,10 @@ def test_a_sparse_shard_refuses_keys_it_does_not_serve_and_predicts(so: ScaleOut
     )
     with pytest.raises(NotOwnedError, match=r"not served by shard 0 of 3.*served by shard 1") as e:
         shard0.lookup("user", np.concatenate([mine[:2], theirs[:1]]))
-    assert e.value.status == 421  # type: ignore[attr-defined]
+    assert e.value.status == 421
     with pytest.raises(ServerError, match="sparse shard") as e2:
         shard0.predict({"user": mine[:1], "item": ITEMS[:1]}, [[0.0, 0.0]])
-    assert e2.value.status == 404  # type: ignore[attr-defined]
+    assert e2.value.status == 404
     # its staleness covers its own partitions only
     assert {t: sorted(map(int, ps)) for t, ps in shard0.status()["staleness"].items()} == {
         "user": [0, 3],
@@ -319,7 +319,7 @@ def test_a_killed_shard_makes_the_main_not_ready_and_bounded_reads_refuse(so: Sc
         assert not ok and "shard 1" in (why or "")
         with pytest.raises(StaleReadError, match="shard 1") as e:
             main.lookup("user", USERS[:50], consistency="bounded")
-        assert e.value.status == 503  # type: ignore[attr-defined]
+        assert e.value.status == 503
         with pytest.raises(ShardUnavailableError, match="shard 1"):
             so.router.lookup("user", on_1, consistency="bounded")
         with pytest.raises(ShardUnavailableError):  # nothing else holds those rows

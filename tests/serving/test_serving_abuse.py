@@ -122,7 +122,7 @@ def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(
         assert c.lookup("user", keys).shape == (512, 8)
         with pytest.raises(ServerError, match="limit") as e:
             c.lookup("user", np.arange(513) + 1000)
-    assert e.value.status == 413  # type: ignore[attr-defined]
+    assert e.value.status == 413
 
 
 def test_a_chunked_body_is_refused_with_411(make_server) -> None:  # type: ignore[no-untyped-def]

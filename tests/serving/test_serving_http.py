@@ -77,7 +77,7 @@ def test_missing_keys_follow_the_table_policy(deployment) -> None:  # type: igno
     c = deployment.client
     with pytest.raises(MissingKeyError) as e:
         c.lookup("user", [1000, 999_999_999])
-    assert e.value.status == 404  # type: ignore[attr-defined]
+    assert e.value.status == 404
     assert "999999999" in str(e.value)
     np.testing.assert_array_equal(
         c.lookup("item", [5]), np.zeros((1, 8), np.float32)
@@ -145,7 +145,7 @@ def test_client_raises_streamhps_errors_with_the_server_message(deployment) -> N
         c.lookup("ghost", [1])
     with pytest.raises(ServerError, match="limit is 10000") as e:
         c.lookup("user", np.arange(10001), binary=False)
-    assert e.value.status == 413  # type: ignore[attr-defined]
+    assert e.value.status == 413
     with pytest.raises(ValueError, match="integer ids"):
         c.lookup("user", [1.5, 2.0])
 
@@ -237,7 +237,7 @@ def test_predict_answers_503_until_a_dense_model_then_matches_the_model(deployme
     if deployment.server.model is None:
         with pytest.raises(ServerError, match="no dense model") as e:
             c.predict(feats, dense_x)
-        assert e.value.status == 503  # type: ignore[attr-defined]
+        assert e.value.status == 503
     rng = np.random.default_rng(4)
     state = {
         "bottom.0.weight": rng.standard_normal((8, 2)).astype(np.float32),

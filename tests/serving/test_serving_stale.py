@@ -63,7 +63,7 @@ def test_server_turns_not_ready_when_the_stream_is_lost(
                 assert st["ready"] is False and st["reason"]
                 with pytest.raises(StaleReadError, match="refused") as e:
                     client.lookup("user", keys[:5], consistency="bounded")
-                assert e.value.status == 503  # type: ignore[attr-defined]
+                assert e.value.status == 503
                 # eventual reads still answer from the cache: the caller chose to accept staleness
                 np.testing.assert_array_equal(client.lookup("user", keys[:5]), vecs[:5])
                 metrics = client.metrics()
