@@ -50,6 +50,8 @@ missing = "zeros"
 max_staleness_s = {max_staleness_s}
 cache_capacity = {cache_capacity}
 [processor]
+# a throwaway store: commits without fsync (an OS crash can lose or corrupt it; see
+# streamhps.store.lmdb_store for what each durability knob risks)
 lmdb_sync = false
 """
 

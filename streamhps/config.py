@@ -178,16 +178,10 @@ class ProcessorSettings:
     ``batch_max_messages`` / ``batch_max_seconds``: how many messages (or how long) the processor
     gathers before one LMDB write transaction; bigger batches compact more and write faster,
     at the price of a longer window between publish and durability in LMDB.
-    ``lmdb_sync``: fsync on every commit (True, safe). False survives a process crash but can lose
-    the last transactions on an OS crash or power loss; on restart they are replayed from Kafka
-    if the broker still holds them.
-    ``lmdb_metasync``: flush the meta page on every commit (True, safe). False saves an fsync per
-    commit; an OS crash may undo the last committed transaction (never corrupts the file).
-    ``lmdb_writemap``: write through a writable mmap (False, safe). True is faster, but a stray
-    write in the process can corrupt the file, and with ``lmdb_sync=False`` nothing says when
-    data reaches disk.
-    ``lmdb_map_async``: with ``lmdb_writemap``, flush asynchronously (False, safe). True: an OS
-    crash can corrupt the database or lose the last transactions.
+    ``lmdb_sync`` / ``lmdb_metasync`` / ``lmdb_writemap`` / ``lmdb_map_async``: py-lmdb's
+    ``sync``, ``metasync``, ``writemap`` and ``map_async`` of the processor's store; the
+    defaults are the safe ones. What changing each risks on an OS crash (``lmdb_sync=false`` can
+    lose or corrupt the store) is documented once, in :mod:`streamhps.store.lmdb_store`.
     ``map_size_bytes``: initial LMDB map size; a full map doubles and the batch is retried.
     ``progress_interval_s``: seconds between progress log lines (rows/s, applied versions).
     ``history_check_s``: seconds between checks of the topics' broker ids, which detect lost broker

@@ -5,19 +5,28 @@ partitions, i.e. per processor. The on-disk format is in :mod:`streamhps.store.l
 the environment handles and open errors in :mod:`streamhps.store.lmdb_env`, the per-key
 compaction of a write batch in :mod:`streamhps.store.compaction`.
 
-Durability knobs (:meth:`LmdbStore.open`), safe by default:
+Durability knobs: py-lmdb's ``lmdb.Environment`` options, given to :meth:`LmdbStore.open`
+(and from ``[processor]`` as ``lmdb_sync``, ``lmdb_metasync``, ``lmdb_writemap``,
+``lmdb_map_async``). This is the one place they are documented. The defaults are the safe
+ones; a process crash (kill -9) never loses a committed transaction whatever they are, the
+risks below are of an OS crash or power loss:
 
-* ``sync=True``: fsync on every commit. ``False`` keeps the database consistent after a
-  *process* crash, but an OS crash or power loss may undo the last transactions (and with
-  ``writemap=True`` may corrupt the file). Undone transactions are replayed from Kafka only
-  if the broker still holds them.
-* ``metasync=True``: flush the meta page on every commit. ``False`` saves one fsync per commit;
-  an OS crash may undo the last committed transaction, never corrupt the database.
-* ``writemap=False``: ``True`` writes through a writable mmap (fewer copies), so a stray
-  pointer write in this process could corrupt the file, and with ``sync=False`` there is no
-  hint when data reaches disk. Readers must not mix writemap settings.
-* ``map_async=False``: with ``writemap=True``, flush asynchronously (``MS_ASYNC``); an OS
-  crash can then corrupt the database or lose the last transactions.
+* ``sync=True``: flush system buffers to disk on every commit. ``False`` skips the flush: a
+  system crash can **corrupt the database or lose the last transactions** not yet flushed
+  (py-lmdb's words). Only with ``writemap=False`` on a filesystem that keeps write order is
+  integrity kept and just the last transactions undone. Lost transactions are replayed from
+  Kafka only if the brokers still hold them; a corrupted store must be restored from a
+  snapshot or rebuilt from the stream. ``streamhps demo`` runs its processor with
+  ``lmdb_sync = false`` (a throwaway store, faster commits on one machine): a crash of that
+  machine during the demo can lose or corrupt the demo's store.
+* ``metasync=True``: flush the meta page on every commit. ``False`` omits that flush: the
+  database keeps its integrity (atomicity, consistency, isolation) but a system crash may
+  undo the last committed transaction (not durable).
+* ``writemap=False``: ``True`` writes through a writable memory map (faster, fewer copies) but
+  loses the protection from wild pointer writes in this process, which can then corrupt the
+  file; processes with and without writemap on one environment do not cooperate well.
+* ``map_async=False``: with ``writemap=True``, ``True`` flushes asynchronously: as with
+  ``sync=False``, a system crash can corrupt the database or lose the last transactions.
 
 Files are created ``0600`` in a ``0700`` directory (embeddings are model data). A full map
 grows (doubling) and the whole transaction is retried: no batch is lost. Stale reader slots
@@ -148,8 +157,8 @@ class LmdbStore(StoreWriter):
         """Open the store at directory ``path`` (created ``0700`` when writable).
 
         ``readonly=True`` opens beside a running writer in another process (LMDB's shared
-        reader table). The durability knobs are described in this module's docstring; the
-        defaults are the safe ones. ``map_size`` is a starting size: it grows on demand.
+        reader table). ``sync``, ``metasync``, ``writemap``, ``map_async``: the durability
+        knobs, documented once in this module's docstring; the defaults are the safe ones. ``map_size`` is a starting size: it grows on demand.
         """
         p = Path(path)
         if readonly:
