@@ -68,6 +68,7 @@ def read_committed_versions(
         overrides={
             "group.id": f"streamhps-committed-{uuid.uuid4().hex[:12]}",  # never joins: assign()
             "enable.partition.eof": True,
+            "fetch.wait.max.ms": 10,  # the end of a partition answers at once, not after 500 ms
             "auto.offset.reset": "earliest",
         },
     )
@@ -139,7 +140,7 @@ def _last_markers(
                 f"{sorted(pending)} unread); tell the Publisher where to resume with "
                 "last_committed_version=..."
             )
-        for m in consumer.consume(num_messages=256, timeout=0.5):
+        for m in consumer.consume(num_messages=256, timeout=0.05):
             p = m.partition()
             if p not in pending:
                 continue
