@@ -182,7 +182,8 @@ class ProcessorSettings:
     ``sync``, ``metasync``, ``writemap`` and ``map_async`` of the processor's store; the
     defaults are the safe ones. What changing each risks on an OS crash (``lmdb_sync=false`` can
     lose or corrupt the store) is documented once, in :mod:`streamhps.store.lmdb_store`.
-    ``map_size_bytes``: initial LMDB map size; a full map doubles and the batch is retried.
+    ``map_size_bytes``: py-lmdb's ``map_size``: initial LMDB map size; a full map doubles and the
+    batch is retried (:mod:`streamhps.store.lmdb_store`).
     ``progress_interval_s``: seconds between progress log lines (rows/s, applied versions).
     ``history_check_s``: seconds between checks of the topics' broker ids, which detect lost broker
     history (a restarted embedded broker, a recreated topic); smaller detects it sooner, at one

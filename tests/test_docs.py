@@ -60,3 +60,16 @@ def test_code_cites_only_documents_and_invariants_that_exist() -> None:
             assert "DESIGN.md" not in text, f"{path} cites DESIGN.md: cite docs/INVARIANTS.md"
             for n in re.findall(r"[Ii]nvariants? (\d+)", text):
                 assert 1 <= int(n) <= 8, f"{path} cites invariant {n}"
+
+
+def test_the_demo_says_where_it_turns_fsync_off_and_what_that_risks() -> None:
+    from demo.app import CONFIG_TEMPLATE
+
+    lines = CONFIG_TEMPLATE.splitlines()
+    at = lines.index("lmdb_sync = false")
+    comment = " ".join(lines[at - 2 : at])
+    assert "corrupt" in comment and "streamhps.store.lmdb_store" in comment, comment
+    store_doc = (ROOT / "streamhps" / "store" / "lmdb_store.py").read_text()
+    for knob in ("sync", "metasync", "writemap", "map_async", "map_size"):
+        assert f"* ``{knob}" in store_doc, f"lmdb_store.py does not document {knob}"
+    assert "streamhps demo`` runs its processor with" in store_doc

@@ -111,4 +111,7 @@ def release_env(p: Path) -> None:
         entry[1] -= 1
         if entry[1] == 0:
             del _ENVS[key]
+            if not entry[2]:
+                # a clean stop is on disk whatever sync says (py-lmdb Environment.sync)
+                entry[0].sync(True)
             entry[0].close()

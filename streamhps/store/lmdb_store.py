@@ -27,10 +27,18 @@ risks below are of an OS crash or power loss:
   file; processes with and without writemap on one environment do not cooperate well.
 * ``map_async=False``: with ``writemap=True``, ``True`` flushes asynchronously: as with
   ``sync=False``, a system crash can corrupt the database or lose the last transactions.
+* ``map_size`` (``[processor] map_size_bytes``, 1 GiB): the size of the memory map, i.e. the
+  most the file may hold. A full map (``lmdb.MapFullError``) is doubled with
+  ``Environment.set_mapsize`` and the whole transaction retried: no batch is lost; readers
+  adopt the new size on their next transaction. On 64-bit a large map costs address space only.
 
-Files are created ``0600`` in a ``0700`` directory (embeddings are model data). A full map
-grows (doubling) and the whole transaction is retried: no batch is lost. Stale reader slots
-left by crashed processes are cleared on every open.
+Not in the config: ``max_readers=256`` (an argument of :meth:`LmdbStore.open`); fixed:
+``lock=True``, ``max_dbs=4096``, ``readahead=False`` (reads are random key lookups),
+``mode=0o700``. Closing a writable store calls
+``Environment.sync(True)``, so a clean stop is on disk whatever ``sync`` says.
+
+Files are created ``0600`` in a ``0700`` directory (embeddings are model data). Stale reader
+slots left by crashed processes are cleared on every open.
 """
 
 from __future__ import annotations
