@@ -221,6 +221,8 @@ class InferenceClient:
     def ready(self) -> tuple[bool, str | None]:
         """(ready, reason): the server's /readyz answer."""
         status, _, data = self._request("GET", READYZ)
+        if status not in (200, 503):  # not an answer about readiness (e.g. 401: no token)
+            self._raise_for(status, data)
         body = json.loads(data) if data else {}
         return status == 200, body.get("reason")
 

@@ -239,6 +239,38 @@ def test_sharded_client_routes_like_the_main(so: ScaleOut) -> None:
         }
 
 
+def test_a_token_guards_the_shards_and_the_main_passes_it_on(so: ScaleOut) -> None:
+    """Sparse shards run with a token; a main given the token fans out through them, one
+    without it is not ready and says why; clients need it too."""
+    token = "scale-out-token"
+    guarded = [
+        InferenceServer(sp.worker, so.config, port=0, role="sparse", auth_token=token).start()
+        for sp in so.sparse
+    ]
+    urls = [g.url for g in guarded]
+    with_token = ShardRouter(so.config, so.placement, urls, health_interval_s=0.05,
+                             follow_dense=False, token=token)  # fmt: skip
+    without = ShardRouter(so.config, so.placement, urls, health_interval_s=0.05, follow_dense=False)
+    try:
+        with_token.start().wait_ready(30)
+        single = InferenceClient(so.single.url)
+        np.testing.assert_array_equal(
+            with_token.lookup("user", USERS[::-1]), single.lookup("user", USERS[::-1])
+        )
+        without.start()
+        with pytest.raises(StaleReadError, match="--auth-token-file"):
+            without.wait_ready(2)
+        with ShardedClient(so.placement, urls, token=token) as c:
+            np.testing.assert_array_equal(c.lookup("item", ITEMS), single.lookup("item", ITEMS))
+        with ShardedClient(so.placement, urls) as c, pytest.raises(ServerError, match="token"):
+            c.lookup("item", ITEMS)
+    finally:
+        with_token.stop()
+        without.stop()
+        for g in guarded:
+            g.stop()
+
+
 def test_a_sparse_shard_refuses_keys_it_does_not_serve_and_predicts(so: ScaleOut) -> None:
     shard0 = InferenceClient(so.urls[0])
     parts = partition_of(USERS, 6)
