@@ -47,7 +47,8 @@ import hmac
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -79,16 +80,39 @@ log = logging.getLogger(__name__)
 ROLES = ("single", "sparse", "main")
 
 
+class ServedWorker(Protocol):
+    """What the server serves from: an :class:`~streamhps.worker.InferenceWorker`, or on a main
+    shard a :class:`~streamhps.routing.ShardRouter` (its lookups fan out to the sparse shards).
+    A ``torch_device`` attribute, where there is one, places the dense model beside the rows."""
+
+    def lookup(self, table: str, keys: Any, *, consistency: str = ...) -> Any: ...
+
+    def lookup_many(
+        self, keys: Mapping[str, Any], *, consistency: str = ...
+    ) -> Mapping[str, Any]: ...
+
+    def ready(self) -> bool: ...
+
+    def not_ready_reason(self) -> str | None: ...
+
+    def staleness(self) -> Mapping[str, Mapping[int, Mapping[str, Any]]]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def dense_model(self) -> tuple[int, dict[str, np.ndarray]] | None: ...
+
+    def on_dense(self, callback: Callable[[int, dict[str, np.ndarray]], None]) -> None: ...
+
+
 class InferenceServer:
     """Serves one worker over HTTP. ``start()`` runs it on a background thread.
 
-    ``worker`` needs ``lookup``, ``ready``, ``not_ready_reason``, ``staleness``, ``stats``,
-    ``dense_model`` and ``on_dense`` (the :class:`~streamhps.worker.InferenceWorker` interface).
+    ``worker``: what it serves from (:class:`ServedWorker`).
     """
 
     def __init__(
         self,
-        worker: Any,
+        worker: ServedWorker,
         config: Config,
         *,
         host: str = "127.0.0.1",
@@ -263,14 +287,11 @@ class InferenceServer:
     def lookup_many(
         self, keys: dict[str, np.ndarray], consistency: str, *, count: bool = True
     ) -> dict[str, np.ndarray]:
-        """Rows of several tables: the worker's ``lookup_many`` when it has one (one request of
-        every table: a router fans it out once), else one ``lookup`` per table."""
-        many = getattr(self.worker, "lookup_many", None)
-        if many is None:
-            return {t: self.lookup(t, k, consistency, count=count) for t, k in keys.items()}
+        """Rows of several tables in one ``lookup_many`` of the worker (a router fans it out
+        once)."""
         t0 = time.perf_counter()
         with lookup_errors():
-            out = many(keys, consistency=consistency)
+            out = self.worker.lookup_many(keys, consistency=consistency)
         dt = time.perf_counter() - t0
         for t in keys:
             self.latency[t].observe(dt)

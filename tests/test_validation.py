@@ -15,7 +15,7 @@ from streamhps.config import Config, ProcessorSettings, TableSpec
 from streamhps.deadletters import DeadLetterWriter
 from streamhps.partitioning import partition_of
 from streamhps.processor.loop import Processor
-from streamhps.store import LmdbStore
+from streamhps.store import LmdbStore, MemoryStore
 from streamhps.testing import FakeMessage
 from streamhps.validation import (
     Reason,
@@ -203,7 +203,7 @@ def test_processor_and_worker_reject_the_same_messages_for_the_same_reasons(
     }
     ing = Ingestor(
         _Consumer(msgs), tables, "t.dense", LagTracker({t.name: t.partitions for t in CONFIG.tables}),
-        _NoStore(),
+        MemoryStore(),  # holds nothing yet
     )  # fmt: skip
     ing.step()
     skipped = {(p, off): reason for _, p, off, reason in ing.rejections()["recent"]}
@@ -211,11 +211,3 @@ def test_processor_and_worker_reject_the_same_messages_for_the_same_reasons(
     _, hit = tables["user"].cache.lookup(np.r_[_keys(0), _keys(1)])
     assert hit.all()
     assert ing.counters.rows == 12
-
-
-class _NoStore:
-    def offsets(self) -> dict[tuple[str, int], int]:
-        return {}
-
-    def partition_applied_versions(self, table: str) -> dict[int, int]:
-        return {}

@@ -49,7 +49,7 @@ from streamhps.config import Config, TableSpec, dlq_topic
 from streamhps.deadletters import DeadLetterWriter
 from streamhps.errors import StreamHPSError
 from streamhps.kafka import make_admin, make_consumer, make_producer, max_message_bytes
-from streamhps.store import LmdbStore, WriteBatch
+from streamhps.store import LmdbStore, StoreWriter, WriteBatch
 from streamhps.topics import ensure_topics
 from streamhps.validation import Rejected, check_table_message
 
@@ -108,7 +108,7 @@ class Processor:
         self._position: dict[tuple[str, int], int] = {}
         self._known_ids: dict[str, str | None] = {}
         self._warned: dict[str, float] = {}
-        self.store: LmdbStore | None = None
+        self.store: StoreWriter | None = None  # LMDB when run; any store for the batch step
         self._consumer: Consumer | None = None
         self._producer: Producer | None = None
         self._dead_letters: DeadLetterWriter | None = None

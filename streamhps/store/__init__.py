@@ -10,7 +10,8 @@
 
 from streamhps.store.base import StoreReader, StoreWriter, TableRows, TableWriteResult, WriteBatch
 from streamhps.store.lmdb_store import LmdbStore
+from streamhps.store.memory import MemoryStore
 from streamhps.store.shards import ShardedStore, open_stores
 
-__all__ = ["LmdbStore", "ShardedStore", "StoreReader", "StoreWriter", "TableRows",
+__all__ = ["LmdbStore", "MemoryStore", "ShardedStore", "StoreReader", "StoreWriter", "TableRows",
            "TableWriteResult", "WriteBatch", "open_stores"]  # fmt: skip

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from streamhps.config import TableSpec
-from streamhps.errors import UnknownTableError
+from streamhps.errors import ConfigError, UnknownTableError
 
 
 @dataclass
@@ -72,12 +72,33 @@ class TableWriteResult:
     rows_stale: int = 0  # not newer than the version the store already held
 
 
+NEW_STORE_ADVICE = "use a new --store directory"
+"""What a writer's shape refusal tells the operator."""
+
+
+def check_store_shape(spec: TableSpec, stored: TableSpec | None, store: str, advice: str) -> None:
+    """Refuse a table whose configured dim/dtype/partitions differ from what ``store`` holds
+    (rows of another shape cannot be read back); ``advice`` says what to do."""
+    if stored is None:
+        return
+    if (stored.dim, stored.dtype, stored.partitions) != (spec.dim, spec.dtype, spec.partitions):
+        raise ConfigError(
+            f"table {spec.name!r}: the config says dim={spec.dim} dtype={spec.dtype} "
+            f"partitions={spec.partitions} but store {store} holds dim={stored.dim} "
+            f"dtype={stored.dtype} partitions={stored.partitions}; {advice}"
+        )
+
+
 class StoreReader(abc.ABC):
     """Read access; safe to hold in many processes while the writer commits."""
 
     @abc.abstractmethod
     def tables(self) -> dict[str, TableSpec]:
         """Table name -> spec (dim, dtype, partitions) as stored."""
+
+    @abc.abstractmethod
+    def held_partitions(self, table: str) -> list[int]:
+        """Partitions of ``table`` this store holds (its processor shard's)."""
 
     @abc.abstractmethod
     def get(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -107,6 +128,10 @@ class StoreReader(abc.ABC):
     @abc.abstractmethod
     def offsets(self) -> dict[tuple[str, int], int]:
         """``(topic, partition) -> next offset to consume``, as of the latest commit."""
+
+    def topic_ids(self) -> dict[str, str]:
+        """Topic -> the broker's topic id the stored offsets refer to (none recorded: empty)."""
+        return {}
 
     @abc.abstractmethod
     def iter_rows(

@@ -61,8 +61,14 @@ import lmdb
 import numpy as np
 
 from streamhps.config import TableSpec
-from streamhps.errors import ConfigError, StoreError, UnknownTableError
-from streamhps.store.base import StoreWriter, TableWriteResult, WriteBatch
+from streamhps.errors import StoreError, UnknownTableError
+from streamhps.store.base import (
+    NEW_STORE_ADVICE,
+    StoreWriter,
+    TableWriteResult,
+    WriteBatch,
+    check_store_shape,
+)
 from streamhps.store.compaction import latest_per_key
 from streamhps.store.lmdb_env import acquire_env, open_error, release_env
 from streamhps.store.lmdb_format import (
@@ -526,17 +532,7 @@ class LmdbStore(StoreWriter):
             stored = dict(self._load_meta(txn))
             held_all = dict(self._held)
             for name, spec in specs.items():
-                old = stored.get(name)
-                if old is not None and (old.dim, old.dtype, old.partitions) != (
-                    spec.dim,
-                    spec.dtype,
-                    spec.partitions,
-                ):
-                    raise ConfigError(
-                        f"table {name!r}: the config says dim={spec.dim} dtype={spec.dtype} "
-                        f"partitions={spec.partitions} but store {self.path} holds dim={old.dim} "
-                        f"dtype={old.dtype} partitions={old.partitions}; use a new --store directory"
-                    )
+                check_store_shape(spec, stored.get(name), str(self.path), NEW_STORE_ADVICE)
                 stored[name] = spec
                 want = sorted(held[name]) if held and name in held else list(range(spec.partitions))
                 held_all[name] = sorted(set(held_all.get(name, [])) | set(want))

@@ -49,7 +49,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
@@ -65,6 +65,7 @@ from streamhps.errors import (
 from streamhps.kafka import make_consumer, max_message_bytes
 from streamhps.partitioning import partition_of
 from streamhps.placement import Placement
+from streamhps.store.base import StoreReader, check_store_shape
 from streamhps.store.shards import StorePaths, open_stores, store_dirs, wait_for_stores
 from streamhps.topics import ensure_topics, planned_topics
 from streamhps.worker.head import HeadProbe
@@ -81,6 +82,9 @@ from streamhps.worker.pooling import add_missed, bag_offsets
 from streamhps.worker.request import DeviceRequests, check_keys
 from streamhps.worker.staleness import LagTracker
 from streamhps.worker.window import RecentRows
+
+if TYPE_CHECKING:
+    from streamhps.cache.cuda_backend import CudaCache
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +181,7 @@ class InferenceWorker:
         self.poll_timeout_s = poll_timeout_s
         self.kafka = {**config.kafka, **dict(kafka_config or {})}
         self._tables: dict[str, TableState] = {}
-        self._store: Any = None
+        self._store: StoreReader | None = None
         self._consumer: Any = None
         self._ingest: Ingestor | None = None
         served = self.ownership.served()
@@ -365,24 +369,24 @@ class InferenceWorker:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    def _reader(self) -> StoreReader:
+        """The open store (between start and stop)."""
+        if self._store is None:
+            raise StreamHPSError("worker is not running: call start() first")
+        return self._store
+
     def _check_store_tables(self) -> None:
-        stored = self._store.tables()
+        stored = self._reader().tables()
         for spec in self.config.tables:
             old = stored.get(spec.name)
-            if old is not None and (old.dim, old.dtype, old.partitions) != (
-                spec.dim,
-                spec.dtype,
-                spec.partitions,
-            ):
-                raise ConfigError(
-                    f"table {spec.name!r}: the config says dim={spec.dim} dtype={spec.dtype} "
-                    f"partitions={spec.partitions} but store {self.store_path} holds dim={old.dim} "
-                    f"dtype={old.dtype} partitions={old.partitions}. Serve the store written "
-                    "for this config (--store), or give the table the store's shape"
-                )
+            check_store_shape(
+                spec, old, self.store_path,
+                "serve the store written for this config (--store), or give the table the "
+                "store's shape",
+            )  # fmt: skip
             owned = self.owned.get(spec.name, [])
             if old is not None and owned:
-                held = set(self._store.held_partitions(spec.name))
+                held = set(self._reader().held_partitions(spec.name))
                 lacking = sorted(set(owned) - held)
                 if lacking:  # their misses would find nothing: refuse rather than serve defaults
                     raise ConfigError(
@@ -393,18 +397,18 @@ class InferenceWorker:
 
     def _store_applied(self, table: str) -> dict[int, int]:
         try:
-            return dict(self._store.partition_applied_versions(table))
+            return dict(self._reader().partition_applied_versions(table))
         except UnknownTableError:
             return {}
 
     def _warm(self, st: TableState) -> int:
         """Fill the cache from LMDB, up to its capacity (rows in key order)."""
-        if st.spec.name not in self._store.tables():
+        if st.spec.name not in self._reader().tables():
             return 0
         n = 0
         cap = int(st.cache.capacity)
         mask = self.ownership.masks.get(st.spec.name)
-        for keys, vectors, versions in self._store.iter_rows(st.spec.name):
+        for keys, vectors, versions in self._reader().iter_rows(st.spec.name):
             if mask is not None:  # a store holds the partitions of its processor, not of this shard
                 mine = mask[partition_of(keys, st.spec.partitions)]
                 keys, vectors, versions = keys[mine], vectors[mine], versions[mine]
@@ -625,7 +629,7 @@ class InferenceWorker:
             out = cp.empty((offs.shape[0] - 1, st.spec.dim), dtype=st.cache.dtype)
             hit = cp.empty(int(kd.shape[0]), dtype=cp.bool_)
             misses = cp.zeros(1, dtype=cp.uint32)
-            st.cache.pooled_into(kd, od, mode, out, hit, misses)
+            cast("CudaCache", st.cache).pooled_into(kd, od, mode, out, hit, misses)
             if int(misses.get(stream=req.stream)[0]) == 0:  # the one synchronisation
                 return out, np.zeros(0, np.int64)
             miss = cp.flatnonzero(~hit).get(stream=req.stream)
@@ -727,7 +731,7 @@ class InferenceWorker:
     ) -> dict[str, np.ndarray]:
         """Rows of missed keys of several tables: :func:`~streamhps.worker.miss_path.resolve_misses`."""
         fills = self._ingest.fills if self._ingest is not None else None
-        return resolve_misses(missed, counts, self._tables, self._store, fills)
+        return resolve_misses(missed, counts, self._tables, self._reader(), fills)
 
     def _check_owned(self, st: TableState, keys: Any) -> None:
         self.ownership.check_keys(st.spec.name, st.spec.partitions, keys)

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from streamhps.cache.base import EmbeddingCache
 from streamhps.config import TableSpec
+from streamhps.store.base import StoreReader
 from streamhps.validation import Rejected, check_dense_message, check_table_message
 from streamhps.worker.staleness import LagTracker
 from streamhps.worker.window import RecentRows, latest_per_key
@@ -57,7 +59,7 @@ class TableState:
 
     spec: TableSpec
     topic: str
-    cache: Any
+    cache: EmbeddingCache
     window: RecentRows
     rows: int = 0  # rows applied from the stream
     messages: int = 0
@@ -144,7 +146,7 @@ class Ingestor:
         tables: dict[str, TableState],
         dense_topic: str,
         tracker: LagTracker,
-        store: Any,
+        store: StoreReader,
         *,
         batch_messages: int = BATCH_MESSAGES,
         poll_timeout_s: float = POLL_TIMEOUT_S,
