@@ -404,10 +404,6 @@ class InferenceServer:
         """``GET /metrics``: :func:`servers.metrics.render_metrics`."""
         return render_metrics(self)
 
-    def history_view(self, seconds: float) -> dict[str, Any]:
-        """``GET /v1/history``: the samples of the last ``seconds``."""
-        return self.history.view(seconds)
-
 
 def _host(a: Any) -> np.ndarray:
     """Rows as a numpy array (a cuda worker may answer with torch or CuPy arrays)."""

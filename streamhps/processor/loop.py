@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -413,15 +413,3 @@ class Processor:
 def _on_commit(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
     if err is not None:
         log.debug("Kafka offset commit (lag visibility only) failed: %s", err)
-
-
-def stats_summary(stats: ProcessorStats) -> Mapping[str, Any]:
-    return {
-        "messages": stats.messages,
-        "rows_in": stats.rows_in,
-        "rows_written": stats.rows_written,
-        "dlq": stats.dlq,
-        "history_lost": stats.history_lost,
-        "applied": dict(stats.applied),
-        "compaction_ratio": (stats.rows_in / stats.rows_written) if stats.rows_written else None,
-    }

@@ -764,10 +764,6 @@ class InferenceWorker:
 
     # ---------------------------------------------------------------- statistics
 
-    def apply_latencies(self) -> np.ndarray:
-        """Seconds from publish to visible in the cache of recent messages of rows (up to 65536)."""
-        return self._ingest.latencies() if self._ingest is not None else np.zeros(0)
-
     def visible_latencies(self) -> tuple[np.ndarray, np.ndarray]:
         """``(seconds, rows)``: publish -> visible to :meth:`lookup` of recent messages (up to
         65536) and the rows each carried (weights: quantiles over rows, as users see them)."""

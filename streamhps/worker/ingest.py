@@ -441,11 +441,6 @@ class Ingestor:
             self._lat_rows[idx] = rows
             self._lat_n += n
 
-    def latencies(self) -> np.ndarray:
-        """Publish -> visible seconds of the last (up to 65536) messages of rows."""
-        with self._lat_lock:
-            return self._lat[: min(self._lat_n, _LATENCY_SAMPLES)].copy()
-
     def latencies_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """``(seconds, rows)`` of the last (up to 65536) messages of rows: each message's
         publish -> visible time and how many rows it carried (weights for per-row quantiles)."""

@@ -154,10 +154,6 @@ class LagTracker:
         with self._lock:
             return self._t[table].position.copy()
 
-    def all_caught_up_once(self) -> bool:
-        with self._lock:
-            return all(bool(np.all(t.caught_up_at > -math.inf)) for t in self._t.values())
-
     def report(self, now: float | None = None) -> dict[str, dict[int, dict[str, Any]]]:
         now = time.monotonic() if now is None else now
         out: dict[str, dict[int, dict[str, Any]]] = {}

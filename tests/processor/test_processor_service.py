@@ -23,16 +23,6 @@ pytestmark = pytest.mark.integration
 SPEC = TableSpec("user", dim=16, partitions=2)
 
 
-def _web_url(log: Path, timeout: float = 20.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = re.search(r"metrics at (http://127\.0\.0\.1:\d+)/metrics", log.read_text())
-        if m:
-            return m.group(1)
-        time.sleep(0.05)
-    raise AssertionError(f"no metrics address in {log}:\n{log.read_text()}")
-
-
 def _get(url: str) -> tuple[int, str]:
     try:
         with urllib.request.urlopen(url, timeout=5) as r:
