@@ -57,6 +57,7 @@ from streamhps import Publisher
 from streamhps.broker import EmbeddedBroker
 from streamhps.config import TableSpec
 from streamhps.errors import StoreError
+from streamhps.processes import stop_process
 from streamhps.store import LmdbStore
 
 TABLE = "bench"
@@ -188,12 +189,7 @@ class Watch:
 
 
 def stop(proc: subprocess.Popen[bytes]) -> int:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        return proc.wait()
+    return stop_process(proc, 30, name="processor")
 
 
 def cpu_seconds(proc: subprocess.Popen[bytes]) -> float:

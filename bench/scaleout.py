@@ -38,7 +38,6 @@ import json
 import math
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -57,6 +56,7 @@ from streamhps.cache import memory_estimate
 from streamhps.client import InferenceClient
 from streamhps.errors import PlacementError
 from streamhps.placement import GIB, plan, zipf_trace
+from streamhps.processes import stop_process
 from streamhps.testing import start_processor, stop_processor, wait_for_applied_version
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,13 +140,7 @@ class Proc:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        if self.p.poll() is None:
-            self.p.send_signal(signal.SIGTERM)
-            try:
-                self.p.wait(20)
-            except subprocess.TimeoutExpired:
-                self.p.kill()
-                self.p.wait()
+        stop_process(self.p, 20, name=self.name)
 
 
 def wait_dense(url: str, timeout: float) -> None:

@@ -13,10 +13,7 @@ The live view and the summary table are in :mod:`demo.view`; the command in :mod
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +26,7 @@ from typing import IO, Any
 import numpy as np
 
 from demo.view import live_view, quantile, to_ms
+from streamhps.processes import stop_process
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +96,7 @@ class _Children:
 
     def stop_all(self) -> None:
         for name, proc in reversed(self.procs):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            stop_process(proc, 10, group=True, name=name)
         self.procs.clear()
         if self.broker is not None:
             self.broker.stop()

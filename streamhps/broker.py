@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from streamhps.errors import BrokerError
+from streamhps.processes import stop_process
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +133,7 @@ class EmbeddedBroker:
     def stop(self, timeout: float = 10.0) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout, name="embedded broker")
             log.info("embedded broker on %s stopped", self.bootstrap_servers)
         if self._log_file:
             self._log_file.close()

@@ -13,7 +13,6 @@ child process, so a test may SIGSTOP/SIGCONT/SIGKILL it like any deployment woul
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from streamhps.errors import StoreError, StreamHPSError
+from streamhps.processes import stop_process
 
 
 def start_processor(
@@ -66,16 +66,9 @@ def start_processor(
 
 
 def stop_processor(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-    """SIGTERM (graceful) and wait; SIGKILL if it has not exited after ``timeout``. Returns the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGCONT)  # in case a test left it stopped
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return int(proc.returncode)
+    """SIGTERM (graceful) and wait; SIGKILL if it has not exited after ``timeout``. Returns the
+    exit code (:func:`streamhps.processes.stop_process`)."""
+    return stop_process(proc, timeout, name="processor")
 
 
 def kill_processor(proc: subprocess.Popen[bytes]) -> None:
@@ -195,6 +188,20 @@ class FakeMessage:
         return None
 
 
+class FakeConsumer:
+    """A stand-in for a ``confluent_kafka.Consumer`` that hands out ``batches`` of
+    :class:`FakeMessage`, one batch per ``consume`` call, then nothing (no broker)."""
+
+    def __init__(self, batches: list[list[Any]]) -> None:
+        self.batches = list(batches)
+
+    def consume(self, num_messages: int, timeout: float) -> list[Any]:
+        return self.batches.pop(0) if self.batches else []
+
+    def get_watermark_offsets(self, tp: Any, cached: bool = False) -> tuple[int, int]:
+        return (-1001, -1001)  # librdkafka's answer before any fetch of the partition
+
+
 def write_config(path: str | os.PathLike[str], text: str) -> Path:
     """Write a config TOML (tests build them inline)."""
     p = Path(path)
@@ -203,6 +210,7 @@ def write_config(path: str | os.PathLike[str], text: str) -> Path:
 
 
 __all__ = [
+    "FakeConsumer",
     "FakeMessage",
     "kill_processor",
     "start_processor",

@@ -16,7 +16,7 @@ from streamhps.deadletters import DeadLetterWriter
 from streamhps.partitioning import partition_of
 from streamhps.processor.loop import Processor
 from streamhps.store import LmdbStore, MemoryStore
-from streamhps.testing import FakeMessage
+from streamhps.testing import FakeConsumer, FakeMessage
 from streamhps.validation import (
     Reason,
     Rejected,
@@ -151,18 +151,6 @@ class _Producer:
         return 0
 
 
-class _Consumer:
-    def __init__(self, msgs: list[Any]) -> None:
-        self.msgs = msgs
-
-    def consume(self, num_messages: int, timeout: float) -> list[Any]:
-        out, self.msgs = self.msgs, []
-        return out
-
-    def get_watermark_offsets(self, tp: Any, cached: bool = False) -> tuple[int, int]:
-        return (-1001, -1001)  # librdkafka's answer before any fetch of the partition
-
-
 def test_processor_and_worker_reject_the_same_messages_for_the_same_reasons(
     tmp_path: Path,
 ) -> None:
@@ -178,7 +166,7 @@ def test_processor_and_worker_reject_the_same_messages_for_the_same_reasons(
     producer = _Producer()
     proc.store = LmdbStore.open(tmp_path / "store", readonly=False)
     proc.store.ensure_tables({t.name: t for t in CONFIG.tables})
-    proc._consumer = _Consumer([])  # type: ignore[assignment]
+    proc._consumer = FakeConsumer([[]])  # type: ignore[assignment]
     proc._dead_letters = DeadLetterWriter(producer)
     proc._process(msgs)
     dead = {
@@ -202,7 +190,7 @@ def test_processor_and_worker_reject_the_same_messages_for_the_same_reasons(
         for spec in CONFIG.tables
     }
     ing = Ingestor(
-        _Consumer(msgs), tables, "t.dense", LagTracker({t.name: t.partitions for t in CONFIG.tables}),
+        FakeConsumer([msgs]), tables, "t.dense", LagTracker({t.name: t.partitions for t in CONFIG.tables}),
         MemoryStore(),  # holds nothing yet
     )  # fmt: skip
     ing.step()

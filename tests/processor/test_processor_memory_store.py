@@ -7,8 +7,6 @@ yet, and the store's applied versions reach the worker's tracker.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from streamhps import wire
@@ -17,7 +15,7 @@ from streamhps.config import Config, ProcessorSettings, TableSpec
 from streamhps.partitioning import partition_of
 from streamhps.processor.loop import Processor
 from streamhps.store import MemoryStore
-from streamhps.testing import FakeMessage
+from streamhps.testing import FakeConsumer, FakeMessage
 from streamhps.worker.ingest import Ingestor, TableState
 from streamhps.worker.staleness import LagTracker
 from streamhps.worker.window import RecentRows
@@ -25,20 +23,6 @@ from streamhps.worker.window import RecentRows
 USER = TableSpec("user", dim=4, partitions=2)
 CONFIG = Config(tables=(USER,), topic_prefix="m", processor=ProcessorSettings(kafka_commit=False))
 TOPIC = CONFIG.topic("user")
-
-
-class _Consumer:
-    """Hands out the given messages once (what ``consume`` returns), then nothing."""
-
-    def __init__(self, msgs: list[Any]) -> None:
-        self.msgs = msgs
-
-    def consume(self, num_messages: int, timeout: float) -> list[Any]:
-        out, self.msgs = self.msgs, []
-        return out
-
-    def get_watermark_offsets(self, tp: Any, cached: bool = False) -> tuple[int, int]:
-        return (-1001, -1001)
 
 
 def _keys(partition: int, n: int) -> np.ndarray:
@@ -63,7 +47,7 @@ def test_processor_batch_into_memory_store_and_the_worker_follows_it() -> None:
     proc = Processor(CONFIG, "unused: the store is given")
     proc.store = store
     store.ensure_tables({"user": USER})
-    proc._consumer = _Consumer([])  # type: ignore[assignment]
+    proc._consumer = FakeConsumer([])  # type: ignore[assignment]
     proc._process(_stream())
 
     k0 = _keys(0, 8)
@@ -80,7 +64,7 @@ def test_processor_batch_into_memory_store_and_the_worker_follows_it() -> None:
     # one message more than the processor wrote: offset 3 of partition 0 (version 5, 2 rows)
     newer = wire.encode_update("user", k0[:2], np.full((2, 4), 5.0, np.float32), 5, partition=0)
     ing = Ingestor(
-        _Consumer([*_stream(), FakeMessage(TOPIC, 0, 3, newer)]), {"user": st}, "m.dense",
+        FakeConsumer([[*_stream(), FakeMessage(TOPIC, 0, 3, newer)]]), {"user": st}, "m.dense",
         tracker, store,
     )  # fmt: skip
     ing.step()  # applies the messages, then reads the store's offsets and applied versions

@@ -10,32 +10,14 @@ from streamhps import wire
 from streamhps.cache import make_cache
 from streamhps.config import TableSpec
 from streamhps.partitioning import partition_of
-from streamhps.testing import FakeMessage
+from streamhps.store import MemoryStore
+from streamhps.testing import FakeConsumer, FakeMessage
 from streamhps.worker.ingest import Ingestor, TableState
 from streamhps.worker.staleness import LagTracker
 from streamhps.worker.window import RecentRows
 
 SPEC = TableSpec(name="user", dim=4, partitions=4)
 TOPIC = "t.user"
-
-
-class _Consumer:
-    def __init__(self, batches: list[list[Any]]) -> None:
-        self.batches = batches
-
-    def consume(self, num_messages: int, timeout: float) -> list[Any]:
-        return self.batches.pop(0) if self.batches else []
-
-    def get_watermark_offsets(self, tp: Any, cached: bool = False) -> tuple[int, int]:
-        return (-1001, -1001)  # librdkafka's answer before any fetch of the partition
-
-
-class _Store:
-    def offsets(self) -> dict[tuple[str, int], int]:
-        return {}
-
-    def partition_applied_versions(self, table: str) -> dict[int, int]:
-        return {}
 
 
 def _ingestor(msgs: list[Any]) -> tuple[Ingestor, TableState]:
@@ -46,8 +28,8 @@ def _ingestor(msgs: list[Any]) -> tuple[Ingestor, TableState]:
         RecentRows(SPEC.dim, SPEC.np_dtype, SPEC.partitions),
     )
     ing = Ingestor(
-        _Consumer([msgs]), {SPEC.name: st}, "t.dense", LagTracker({SPEC.name: 4}),
-        _Store(),
+        FakeConsumer([msgs]), {SPEC.name: st}, "t.dense", LagTracker({SPEC.name: 4}),
+        MemoryStore(),
     )  # fmt: skip
     return ing, st
 
