@@ -9,7 +9,9 @@ of partitions, i.e. per processor. Named databases inside it:
 * ``offsets``: ``topic \\0 partition(u32 BE)`` -> next offset to consume (int64 LE).
 * ``applied``: ``table \\0 partition(u32 BE)`` -> applied version (int64 LE).
 * ``meta``: ``format``, ``tables`` (JSON: specs and held partitions), ``stats`` (JSON:
-  compaction counters).
+  compaction counters), ``max_versions:<table>`` (int64 LE per partition: the highest version
+  ever written to a row of that partition; a row above it wins without reading the stored
+  one; absent in stores written before it, then read once from the rows).
 """
 
 from __future__ import annotations

@@ -62,6 +62,7 @@ import numpy as np
 
 from streamhps.config import TableSpec
 from streamhps.errors import StoreError, UnknownTableError
+from streamhps.partitioning import partition_of
 from streamhps.store.base import (
     NEW_STORE_ADVICE,
     StoreWriter,
@@ -98,6 +99,11 @@ _STAT_FIELDS = (
 )
 _first = itemgetter(0)
 _second = itemgetter(1)
+
+
+def _max_versions_key(table: str) -> bytes:
+    """``meta`` key of a table's highest written version per partition (int64 LE each)."""
+    return b"max_versions:" + table.encode()
 
 
 _ABSENT = object()
@@ -577,15 +583,23 @@ class LmdbStore(StoreWriter):
                 res = TableWriteResult(rows_in=rows_in, rows_duplicate=rows_in - keys.shape[0])
                 db = self._db(f"rows:{table}".encode(), txn, write=True)
                 enc = encode_keys(keys)
-                hits = txn.cursor(db).getmulti(enc)
+                # Only rows a stored row can beat are checked against the store: a row newer
+                # than every version ever written to its partition wins without a read (the
+                # usual case: a trainer's versions only grow), so no stored row is read at all.
+                top = self._max_versions(txn, table, spec, db)
+                parts = partition_of(keys, spec.partitions)
+                unsure = np.flatnonzero(versions <= top[parts])
                 keep = np.ones(keys.shape[0], dtype=bool)
-                if hits:
-                    got = decode_keys(b"".join(map(_first, hits)))
-                    stored_v = np.frombuffer(b"".join(map(_second, hits)), dtype=row_dtype(spec))[
-                        "version"
-                    ]
-                    idx = np.searchsorted(keys, got)
-                    keep[idx[stored_v >= versions[idx]]] = False
+                if unsure.size:
+                    asked = enc if unsure.size == len(enc) else encode_keys(keys[unsure])
+                    hits = txn.cursor(db).getmulti(asked)
+                    if hits:
+                        got = decode_keys(b"".join(map(_first, hits)))
+                        stored_v = np.frombuffer(
+                            b"".join(map(_second, hits)), dtype=row_dtype(spec)
+                        )["version"]
+                        idx = np.searchsorted(keys, got)
+                        keep[idx[stored_v >= versions[idx]]] = False
                 rdt = row_dtype(spec)
                 n_keep = int(keep.sum())
                 rows = np.empty(n_keep, dtype=rdt)
@@ -596,6 +610,8 @@ class LmdbStore(StoreWriter):
                     txn.cursor(db).putmulti(
                         zip(enc_keep, rows.view(f"V{rdt.itemsize}").tolist(), strict=True)
                     )
+                    np.maximum.at(top, parts[keep], versions[keep])
+                txn.put(_max_versions_key(table), top.tobytes(), db=self._db(META, txn, True))
                 res.rows_written = n_keep
                 res.rows_stale = keys.shape[0] - n_keep
                 results[table] = res
@@ -623,6 +639,26 @@ class LmdbStore(StoreWriter):
             stats["last_commit_unix"] = time.time()
             txn.put(b"stats", json.dumps(stats).encode(), db=self._db(META, txn, True))
         return results
+
+    def _max_versions(
+        self, txn: lmdb.Transaction, table: str, spec: TableSpec, db: Any
+    ) -> np.ndarray:
+        """Per partition, the highest version ever written to a row of ``table`` (-1: none)."""
+        raw = txn.get(_max_versions_key(table), db=self._db(META, txn, True))
+        if raw is not None and len(raw) == 8 * spec.partitions:
+            return np.frombuffer(raw, dtype="<i8").astype(np.int64)
+        # A store written before this record existed: read every stored version once.
+        top = np.full(spec.partitions, -1, dtype=np.int64)
+        n = int(txn.stat(db)["entries"])
+        if n:
+            log.info("%s: reading the versions of %d stored rows of %r once", self.path, n, table)
+            rdt = row_dtype(spec)
+            it = iter(txn.cursor(db))
+            while chunk := list(islice(it, 65536)):
+                k = decode_keys(b"".join(map(_first, chunk)))
+                v = np.frombuffer(b"".join(map(_second, chunk)), dtype=rdt)["version"]
+                np.maximum.at(top, partition_of(k, spec.partitions), v.astype(np.int64))
+        return top
 
     def snapshot(self, out: str | os.PathLike[str]) -> Path:
         """Write a consistent, compacted copy (rows, offsets, markers, stats) to the empty directory ``out``."""

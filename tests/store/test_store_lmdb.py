@@ -90,6 +90,47 @@ def test_replayed_batch_changes_nothing_and_is_counted_stale(store: LmdbStore) -
     assert (c["rows_in"], c["rows_written"], c["rows_stale"]) == (200, 100, 100)
 
 
+def test_rows_below_a_partitions_highest_version_are_checked_against_the_store(
+    store: LmdbStore,
+) -> None:
+    """A row newer than every version its partition ever stored is written without a read; any
+    other row is compared with the stored one (the skip must never let an older row through)."""
+    from streamhps.partitioning import partition_of
+
+    keys = np.arange(40, dtype=np.int64)
+    store.write_batch(_batch(keys, 10))
+    p = partition_of(keys, SPEC.partitions)
+    old, new = keys[p == 0][:3], keys[p == 0][3:6]  # stored at 10 / not stored, both partition 0
+    fresh = np.arange(1000, 1003, dtype=np.int64)  # never stored
+    b = _batch(np.concatenate([old, fresh]), 5)  # below partition 0's highest (10)
+    res = store.write_batch(b)["user"]
+    assert res.rows_stale == 3 and res.rows_written == 3
+    _, v, _ = store.get("user", np.concatenate([old, fresh]))
+    assert v.tolist() == [10, 10, 10, 5, 5, 5]
+    res = store.write_batch(_batch(np.concatenate([old, new]), 11))["user"]  # above: no read
+    assert res.rows_written == 6 and res.rows_stale == 0
+    assert store.get("user", old)[1].tolist() == [11, 11, 11]
+
+
+def test_a_store_without_highest_versions_reads_them_from_its_rows(tmp_path: Path) -> None:
+    """A store written before the per-partition highest versions were kept: they are read once
+    from the stored rows, so an older row still loses."""
+    import lmdb
+
+    path = tmp_path / "old"
+    with LmdbStore.open(path, readonly=False) as st:
+        st.ensure_tables({"user": SPEC})
+        st.write_batch(_batch(np.arange(20), 10))
+    env = lmdb.open(str(path), max_dbs=16)
+    with env.begin(write=True) as txn:
+        assert txn.delete(b"max_versions:user", db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with LmdbStore.open(path, readonly=False) as st:
+        res = st.write_batch(_batch(np.arange(20), 7))["user"]
+        assert res.rows_stale == 20 and res.rows_written == 0
+        assert st.get("user", np.arange(20))[1].tolist() == [10] * 20
+
+
 def test_applied_version_needs_every_held_partition_and_never_goes_back(store: LmdbStore) -> None:
     assert store.applied_version("user") is None
     store.write_batch(WriteBatch(applied={("user", 0): 5}))
