@@ -13,11 +13,11 @@ import numpy as np
 
 from servers.errors import HTTPError
 from streamhps.config import TableSpec
+from streamhps.consistency import CONSISTENCY
 
 if TYPE_CHECKING:
     from servers.model import ServedModel
 
-CONSISTENCY = ("eventual", "bounded")
 
 Query = dict[str, list[str]]
 """A parsed query string (``urllib.parse.parse_qs``)."""

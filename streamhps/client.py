@@ -69,6 +69,7 @@ from streamhps.http_protocol import (
     error_from_answer,
 )
 from streamhps.http_protocol import encode_layout as encode_layout  # the old import path
+from streamhps.keys import as_int64_keys
 
 if TYPE_CHECKING:
     from streamhps.placement import Placement
@@ -366,12 +367,7 @@ class AsyncInferenceClient:
 
 
 def _int64_keys(keys: Sequence[int] | np.ndarray, what: str = "keys") -> np.ndarray:
-    k = np.asarray(keys)
-    if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
-        raise ValueError(
-            f"{what} must be a flat sequence of integer ids, got dtype {k.dtype} shape {k.shape}"
-        )
-    return k.view(np.int64) if k.dtype == np.uint64 else k.astype(np.int64, copy=False)
+    return as_int64_keys(keys, what, ValueError)
 
 
 class ShardedClient:

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from streamhps.errors import ConfigError
+from streamhps.wire import DTYPES
 
-DTYPES = ("float32", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,120}$")
 _MISSING_RE = re.compile(r"^(error|zeros|init:\d+)$")
 

@@ -44,6 +44,7 @@ from streamhps.committed import read_committed_versions
 from streamhps.config import Config, TableSpec, dense_topic, table_topic
 from streamhps.errors import PublishError, UnknownTableError, ValidationError, VersionError
 from streamhps.kafka import client_config, make_producer
+from streamhps.keys import as_int64_keys
 from streamhps.partitioning import partition_of
 from streamhps.topics import ensure_topics, planned_topics
 
@@ -409,13 +410,4 @@ def _check_version_type(version: Any, *, what: str) -> None:
 
 
 def _as_keys(keys: Any) -> np.ndarray:
-    a = np.asarray(keys)
-    if a.ndim != 1:
-        raise ValidationError(f"keys must be a 1-D array, got shape {a.shape}")
-    if a.size == 0:
-        return a.astype(np.int64)
-    if a.dtype.kind not in "iu":
-        raise ValidationError(f"keys must be integers (int64 ids), got dtype {a.dtype}")
-    if a.dtype == np.uint64:
-        return a.view(np.int64)
-    return a.astype(np.int64, copy=False)
+    return as_int64_keys(keys)

@@ -29,6 +29,7 @@ from streamhps.errors import SchemaVersionError, WireError
 SCHEMA_VERSION = 1
 KINDS = ("UPDATE", "MARKER", "DENSE")
 DTYPES = ("float32", "float16")
+"""Row dtypes, in wire order (a message carries the index); config and caches take these."""
 # One message stays under Kafka's default 1 MiB limit (message.max.bytes = 1048588).
 MAX_MESSAGE_BYTES = 1_000_000
 

@@ -155,7 +155,7 @@ def ok(n: int = 3, dim: int = 64, dtype: str = "float32") -> tuple[np.ndarray, n
         (lambda p: p.publish("item", *ok(dim=16, dtype="float32"), version=1), ValidationError, "stores float16"),
         (lambda p: p.publish("user", np.arange(3), np.ones((2, 64), np.float32), version=1), ValidationError, "3 keys but 2 vectors"),
         (lambda p: p.publish("user", np.array([1, 2, 1]), np.ones((3, 64), np.float32), version=1), ValidationError, "duplicate key"),
-        (lambda p: p.publish("user", np.array([1.0, 2.0]), np.ones((2, 64), np.float32), version=1), ValidationError, "must be integers"),
+        (lambda p: p.publish("user", np.array([1.0, 2.0]), np.ones((2, 64), np.float32), version=1), ValidationError, "must be a 1-D array of integer ids"),
         (lambda p: p.publish("user", np.arange(3), np.full((3, 64), np.nan, np.float32), version=1), ValidationError, "NaN or Inf"),
         (lambda p: p.publish("user", np.arange(3), np.full((3, 64), np.inf, np.float32), version=1), ValidationError, "first: key 0"),
         (lambda p: p.publish("user", *ok(), version=0), VersionError, "> 0"),

@@ -33,11 +33,12 @@ from typing import Any
 import numpy as np
 
 from streamhps.errors import CacheError
+from streamhps.wire import DTYPES as WIRE_DTYPES
 
 SLOTS_PER_BUCKET = 32
 POLICIES = ("lru", "lfu")
 POOLING = ("sum", "mean")
-DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+DTYPES = {name: np.dtype(name) for name in WIRE_DTYPES}  # what the wire carries
 
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
 _C2 = np.uint64(0x94D049BB133111EB)

@@ -62,6 +62,7 @@ import numpy as np
 
 from streamhps.config import TableSpec
 from streamhps.errors import StoreError, UnknownTableError
+from streamhps.keys import as_int64_keys
 from streamhps.partitioning import partition_of
 from streamhps.store.base import (
     NEW_STORE_ADVICE,
@@ -302,12 +303,7 @@ class LmdbStore(StoreWriter):
 
     @_reads
     def get(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        keys = np.asarray(keys)
-        if keys.ndim != 1 or (keys.size and keys.dtype.kind not in "iu"):
-            raise StoreError(
-                f"keys must be a 1-D integer array, got shape {keys.shape} dtype {keys.dtype}"
-            )
-        keys = keys.astype(np.int64, copy=False) if keys.dtype != np.uint64 else keys.view(np.int64)
+        keys = as_int64_keys(keys, "keys", StoreError)
         with self._begin() as txn:
             spec = self._spec(table, txn)
             n = keys.shape[0]
@@ -336,12 +332,7 @@ class LmdbStore(StoreWriter):
         out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         with self._begin() as txn:
             for table, raw in keys.items():
-                k = np.asarray(raw)
-                if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
-                    raise StoreError(
-                        f"keys of {table!r} must be a 1-D integer array, got shape {k.shape} dtype {k.dtype}"
-                    )
-                k = k.view(np.int64) if k.dtype == np.uint64 else k.astype(np.int64, copy=False)
+                k = as_int64_keys(raw, f"keys of {table!r}", StoreError)
                 try:
                     spec = self._spec(table, txn)
                 except UnknownTableError:

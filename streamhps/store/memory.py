@@ -17,6 +17,7 @@ import numpy as np
 
 from streamhps.config import TableSpec
 from streamhps.errors import StoreError, UnknownTableError
+from streamhps.keys import as_int64_keys
 from streamhps.store.base import (
     NEW_STORE_ADVICE,
     StoreWriter,
@@ -83,7 +84,7 @@ class MemoryStore(StoreWriter):
             return list(self._held[table])
 
     def get(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        keys = np.asarray(keys, dtype=np.int64)
+        keys = as_int64_keys(keys, "keys", StoreError)
         with self._lock:
             t = self._table(table)
             idx, found = _locate(t.keys, keys)

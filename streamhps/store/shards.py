@@ -32,6 +32,7 @@ import numpy as np
 
 from streamhps.config import TableSpec
 from streamhps.errors import ConfigError, StoreError, UnknownTableError
+from streamhps.keys import as_int64_keys
 from streamhps.partitioning import partition_of
 from streamhps.store.base import StoreReader
 from streamhps.store.lmdb_store import LmdbStore
@@ -189,12 +190,7 @@ class ShardedStore(StoreReader):
         return out
 
     def get(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        keys = np.asarray(keys)
-        if keys.ndim != 1 or (keys.size and keys.dtype.kind not in "iu"):
-            raise StoreError(
-                f"keys must be a 1-D integer array, got shape {keys.shape} dtype {keys.dtype}"
-            )
-        keys = keys.view(np.int64) if keys.dtype == np.uint64 else keys.astype(np.int64)
+        keys = as_int64_keys(keys, "keys", StoreError)
         h = self.holders(table)
         spec = self._specs[table]
         n = keys.shape[0]
@@ -218,12 +214,7 @@ class ShardedStore(StoreReader):
         routed: dict[int, dict[str, np.ndarray]] = {}  # store -> table -> positions
         keyed: dict[str, np.ndarray] = {}
         for table, raw in keys.items():
-            k = np.asarray(raw)
-            if k.ndim != 1 or (k.size and k.dtype.kind not in "iu"):
-                raise StoreError(
-                    f"keys of {table!r} must be a 1-D integer array, got shape {k.shape} dtype {k.dtype}"
-                )
-            k = k.view(np.int64) if k.dtype == np.uint64 else k.astype(np.int64)
+            k = as_int64_keys(raw, f"keys of {table!r}", StoreError)
             try:
                 h = self.holders(table)
             except UnknownTableError:

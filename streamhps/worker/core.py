@@ -55,6 +55,7 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
 from streamhps.config import Config, dense_topic
+from streamhps.consistency import check_consistency
 from streamhps.errors import (
     ConfigError,
     StaleReadError,
@@ -88,7 +89,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CONSISTENCY = ("eventual", "bounded")
 # Keys of a request above which a cpu worker looks its tables up on threads. H200 host (16 cores),
 # 8 tables: 2 048 keys serial 0.51 ms; 8 192 keys on threads 4.5 ms (serial ~2 ms: the numpy
 # probe holds the GIL for most of a table); 32 768 keys on threads 4.3 ms (serial ~8 ms).
@@ -643,8 +643,7 @@ class InferenceWorker:
         return int(self.config.serving.max_lookup_keys)
 
     def _check_request(self, consistency: str) -> None:
-        if consistency not in CONSISTENCY:
-            raise ValidationError(f"consistency must be one of {CONSISTENCY}, got {consistency!r}")
+        check_consistency(consistency)
         if not self._started or self._stopped:
             raise StreamHPSError("worker is not running: call start() first")
 
