@@ -89,6 +89,16 @@ def check_store_shape(spec: TableSpec, stored: TableSpec | None, store: str, adv
         )
 
 
+def absent_rows(spec: TableSpec, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The answer of :meth:`StoreReader.get` for ``n`` keys none of which is held: zero rows,
+    version 0, not found (filled in where rows are found)."""
+    return (
+        np.zeros((n, spec.dim), dtype=spec.np_dtype),
+        np.zeros(n, dtype=np.int64),
+        np.zeros(n, dtype=bool),
+    )
+
+
 class StoreReader(abc.ABC):
     """Read access; safe to hold in many processes while the writer commits."""
 

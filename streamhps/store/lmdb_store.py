@@ -69,6 +69,7 @@ from streamhps.store.base import (
     StoreWriter,
     TableWriteResult,
     WriteBatch,
+    absent_rows,
     check_store_shape,
 )
 from streamhps.store.compaction import latest_per_key
@@ -306,11 +307,8 @@ class LmdbStore(StoreWriter):
         keys = as_int64_keys(keys, "keys", StoreError)
         with self._begin() as txn:
             spec = self._spec(table, txn)
-            n = keys.shape[0]
-            values = np.zeros((n, spec.dim), dtype=spec.np_dtype)
-            versions = np.zeros(n, dtype=np.int64)
-            found = np.zeros(n, dtype=bool)
-            if n == 0:
+            values, versions, found = absent_rows(spec, keys.shape[0])
+            if not keys.shape[0]:
                 return values, versions, found
             uniq, inverse = np.unique(keys, return_inverse=True)
             u_found, u_versions, u_vectors = self._read_rows(txn, spec, uniq)

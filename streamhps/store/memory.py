@@ -23,6 +23,7 @@ from streamhps.store.base import (
     StoreWriter,
     TableWriteResult,
     WriteBatch,
+    absent_rows,
     check_store_shape,
 )
 from streamhps.store.compaction import latest_per_key
@@ -88,8 +89,7 @@ class MemoryStore(StoreWriter):
         with self._lock:
             t = self._table(table)
             idx, found = _locate(t.keys, keys)
-            values = np.zeros((keys.shape[0], t.spec.dim), dtype=t.spec.np_dtype)
-            versions = np.zeros(keys.shape[0], dtype=np.int64)
+            values, versions, _ = absent_rows(t.spec, keys.shape[0])
             values[found] = t.vectors[idx[found]]
             versions[found] = t.versions[idx[found]]
         return values, versions, found

@@ -34,7 +34,7 @@ from streamhps.config import TableSpec
 from streamhps.errors import ConfigError, StoreError, UnknownTableError
 from streamhps.keys import as_int64_keys
 from streamhps.partitioning import partition_of
-from streamhps.store.base import StoreReader
+from streamhps.store.base import StoreReader, absent_rows
 from streamhps.store.lmdb_store import LmdbStore
 
 log = logging.getLogger(__name__)
@@ -193,11 +193,8 @@ class ShardedStore(StoreReader):
         keys = as_int64_keys(keys, "keys", StoreError)
         h = self.holders(table)
         spec = self._specs[table]
-        n = keys.shape[0]
-        values = np.zeros((n, spec.dim), dtype=spec.np_dtype)
-        versions = np.zeros(n, dtype=np.int64)
-        found = np.zeros(n, dtype=bool)
-        if n == 0:
+        values, versions, found = absent_rows(spec, keys.shape[0])
+        if not keys.shape[0]:
             return values, versions, found
         where = h[partition_of(keys, spec.partitions)]
         for i in np.unique(where[where >= 0]).tolist():
