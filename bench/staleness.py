@@ -192,11 +192,12 @@ def publish_at_rate(
     tick = 0.01
     per_tick = max(1, int(rate * tick))
     perm = np.random.default_rng(0).permutation(keyspace).astype(np.int64)
-    base = rows_of(per_tick, 1, dim)
-    pub.publish("emb", perm[:per_tick], base, 1)  # connect and get the idempotent PID first
+    # version 2: above the seed rows' committed version 1 (the publisher refuses to go below it)
+    base = rows_of(per_tick, 2, dim)
+    pub.publish("emb", perm[:per_tick], base, 2)  # connect and get the idempotent PID first
     pub.flush()
     time.sleep(0.3)
-    sent, version, i = 0, 2, 0
+    sent, version, i = 0, 3, 0
     t_start = time.perf_counter()
     next_tick = t_start
     while time.perf_counter() - t_start < seconds:
@@ -216,7 +217,7 @@ def publish_at_rate(
     elapsed = time.perf_counter() - t_start
     pub.commit(version)
     pub.close()
-    report.put((sent / elapsed, version - 2))
+    report.put((sent / elapsed, version - 3))
 
 
 def _start_publisher(

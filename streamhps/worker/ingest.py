@@ -242,14 +242,17 @@ class Ingestor:
         self._last_watermarks = now
         for st in self.tables.values():
             for p in self.tracker.owned_partitions(st.spec.name):
-                try:
-                    hw = self.consumer.get_watermark_offsets(
-                        TopicPartition(st.topic, p), cached=True
-                    )[1]
-                except (KafkaException, RuntimeError):
-                    continue
-                if hw >= 0:
-                    self.tracker.fetched(st.spec.name, p, int(hw))
+                self._read_watermark(st, p)
+
+    def _read_watermark(self, st: TableState, partition: int) -> None:
+        try:
+            hw = self.consumer.get_watermark_offsets(
+                TopicPartition(st.topic, partition), cached=True
+            )[1]
+        except (KafkaException, RuntimeError):
+            return
+        if hw >= 0:
+            self.tracker.fetched(st.spec.name, partition, int(hw))
 
     # ---------------------------------------------------------------- the store's progress
 
@@ -315,6 +318,10 @@ class Ingestor:
             self.tracker.marker(name, part, version)
             c.markers += 1
         for (name, part), nxt in positions.items():
+            # the watermark of the fetch that delivered these messages, before the position
+            # moves: the probe never sees a position beyond the fetched watermark (which it
+            # would report as broker history lost)
+            self._read_watermark(self.tables[name], part)
             self.tracker.consumed(name, part, nxt)
         c.batches += 1
         if published_us:

@@ -98,10 +98,11 @@ class LagTracker:
         return [int(p) for p in np.flatnonzero(self._t[table].owned)]
 
     def fetched(self, table: str, partition: int, high_watermark: int) -> None:
-        """The consumer's cached high watermark from its last fetch (read on the ingest thread)."""
+        """The consumer's cached high watermark from its last fetch (read on the ingest thread).
+        Taken as it is, not as a maximum: after the broker lost the partition's history it drops
+        below the position, which is how the probe notices."""
         with self._lock:
-            t = self._t[table]
-            t.fetched_hw[partition] = max(int(t.fetched_hw[partition]), high_watermark)
+            self._t[table].fetched_hw[partition] = high_watermark
 
     def fetched_high_watermarks(self, table: str) -> np.ndarray:
         with self._lock:
