@@ -175,7 +175,7 @@ class InferenceServer:
             (host, port), RequestHandler, max_connections=max_connections,
             request_timeout_s=request_timeout_s,
         )  # fmt: skip
-        self.httpd.app = self  # type: ignore[attr-defined]
+        self.httpd.app = self
         self._threads: list[threading.Thread] = []
         if role == "sparse":
             return  # lookups only: no dense model

@@ -22,7 +22,10 @@ import socket
 import threading
 import time
 from http.server import ThreadingHTTPServer
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from servers.app import InferenceServer
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class GuardedHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     request_queue_size = 128
+    app: InferenceServer  # what the handlers answer for (set by the InferenceServer)
 
     def __init__(
         self,

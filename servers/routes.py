@@ -25,6 +25,7 @@ from streamhps.http_protocol import ROUTES, encode_layout, error_body
 
 if TYPE_CHECKING:
     from servers.app import InferenceServer
+    from servers.connections import GuardedHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +54,24 @@ class RequestHandler(BaseHTTPRequestHandler):
     # Headers and body go out in separate writes; with Nagle on, the body waits for the
     # client's delayed ACK (~40 ms per keep-alive request).
     disable_nagle_algorithm = True
+    server: GuardedHTTPServer
 
     @property
     def app(self) -> InferenceServer:
-        return self.server.app  # type: ignore[attr-defined]
+        return self.server.app
 
     def setup(self) -> None:
         # each read: a backstop; the request deadline (servers.connections) acts first
-        self.timeout = 2 * self.server.request_timeout_s  # type: ignore[attr-defined,misc]
+        self.timeout = 2 * self.server.request_timeout_s  # type: ignore[misc]
         super().setup()
 
     def handle_one_request(self) -> None:
         # the whole request (line, headers, body) within the deadline: servers.connections
-        self.server.begin_reading(self.connection)  # type: ignore[attr-defined]
+        self.server.begin_reading(self.connection)
         try:
             super().handle_one_request()
         finally:
-            self.server.end_reading(self.connection)  # type: ignore[attr-defined]
+            self.server.end_reading(self.connection)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         log.debug("%s %s", self.address_string(), format % args)
@@ -102,7 +104,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         query = parse_qs(url.query)
         try:
             body = self._read_body()
-            self.server.end_reading(self.connection)  # type: ignore[attr-defined]
+            self.server.end_reading(self.connection)
             if path not in proto.UNAUTHENTICATED and not self.app.authorized(
                 self.headers.get("Authorization")
             ):
@@ -164,7 +166,7 @@ class RequestHandler(BaseHTTPRequestHandler):
             body = self.rfile.read(size)
         except OSError:  # a read timed out: the client sends too slowly
             self.close_connection = True
-            timeout = self.server.request_timeout_s  # type: ignore[attr-defined]
+            timeout = self.server.request_timeout_s
             raise HTTPError(
                 408, f"the body was not sent within {timeout}s", "RequestTimeout"
             ) from None
