@@ -14,6 +14,8 @@ import numpy as np
 from servers.errors import HTTPError
 from streamhps.config import TableSpec
 from streamhps.consistency import CONSISTENCY
+from streamhps.errors import ValidationError
+from streamhps.keys import as_int64_keys
 
 if TYPE_CHECKING:
     from servers.model import ServedModel
@@ -61,14 +63,13 @@ class RequestPayloads:
             a = np.asarray(raw)
         except (ValueError, OverflowError) as e:
             raise HTTPError(400, f"'{what}' must be a flat array of integer ids: {e}") from None
-        if a.ndim != 1 or a.dtype.kind not in "iu" or a.dtype == np.bool_:
+        try:
+            return as_int64_keys(a, what)  # ids above 2**63 keep their bits, as in the publisher
+        except ValidationError:
             bad = next((x for x in raw if isinstance(x, bool) or not isinstance(x, int)), raw[0])
             raise HTTPError(
                 400, f"'{what}' must be integer ids (int64); found {bad!r} ({type(bad).__name__})"
-            )
-        if a.dtype == np.uint64:
-            return a.view(np.int64)  # ids above 2**63 keep their bit pattern, as in the publisher
-        return a.astype(np.int64, copy=False)
+            ) from None
 
     def lookup_many_binary(self, query: Query, body: bytes) -> tuple[dict[str, np.ndarray], str]:
         """``?tables=A,B&counts=nA,nB[&consistency=]``, body: every table's int64 keys."""
