@@ -19,7 +19,7 @@ for s in $stages; do
   case "$s" in
     tests) timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider -rs tests 2>&1 \
              | tee "$OUT/pytest_gpu.txt" | tail -30 ;;
-    predict) timeout 240 python3 bench/predict.py --seconds 0.5 --throughput-seconds 3 \
+    predict) timeout 240 python3 bench/predict.py --seconds 0.5 --throughput-seconds 3 ${PREDICT_ARGS:-} \
              --out "$OUT/predict.json" 2>&1 | tee "$OUT/predict.txt" | tail -45 ;;
     scaleout) timeout 200 python3 bench/scaleout.py --device cuda --gpus "$GPUS" --requests 100 \
              --out "$OUT/scaleout.json" 2>&1 | tee "$OUT/scaleout.txt" | tail -30 ;;
