@@ -11,6 +11,16 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# Not pip-installed there: the applications' commands (serve, train, demo) reach the CLI through
+# the streamhps.commands entry points, so give the checkout a dist-info that declares them.
+mkdir -p /tmp/site/streamhps-0.0.dist-info
+printf 'Metadata-Version: 2.1\nName: streamhps\nVersion: 0.0\n' >/tmp/site/streamhps-0.0.dist-info/METADATA
+python3 - >/tmp/site/streamhps-0.0.dist-info/entry_points.txt <<'PY'
+import tomllib
+for group, eps in tomllib.load(open("pyproject.toml", "rb"))["project"]["entry-points"].items():
+    print(f"[{group}]")
+    print("\n".join(f"{k} = {v}" for k, v in eps.items()))
+PY
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 nproc | tee -a "$OUT/gpu.txt"
 stages=${*:-tests predict scaleout staleness}
