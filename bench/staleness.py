@@ -46,6 +46,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -551,8 +552,15 @@ def main() -> None:
     ap.add_argument("--sync-writes", action="store_true", help="cuda: synchronous upserts")
     ap.add_argument("--single-consume", action="store_true", help="one consume(n, timeout) call")
     ap.add_argument("--fetch-wait-ms", type=int, default=None, help="fetch.wait.max.ms, both sides")
+    ap.add_argument(
+        "--switch-interval", type=float, default=None,
+        help="sys.setswitchinterval for this process (seconds; Python's default is 0.005)",
+    )  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "staleness.json"))
     args = ap.parse_args()
+
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
 
     if args.sync_writes:
         from streamhps.cache.base import EmbeddingCache
