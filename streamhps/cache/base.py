@@ -183,10 +183,15 @@ class EmbeddingCache(abc.ABC):
 
     def upsert_async(self, keys: Any, values: Any, versions: Any, *, insert: bool = True) -> None:
         """``upsert`` (``update_if_present`` with ``insert=False``) without a count, for a writer
-        that streams rows in (the worker's ingest thread). A backend may return before the rows
-        are written (cuda: staged, overlapping the next batch's copy with this one's kernels);
-        every operation issued on this cache after the return sees them. Here: in pieces of
-        ``write_piece_rows``, so the lock is free for lookups between pieces."""
+        that streams rows in (the worker's ingest thread). ``values`` may also be a list of
+        ``[rows, dim]`` arrays, stacked in order, that together hold one row per key (the
+        decoded messages of a batch, given without stacking them on the host). A backend may
+        return before the rows are written (cuda: staged, overlapping the next batch's copy
+        with this one's kernels); every operation issued on this cache after the return sees
+        them. Here: in pieces of ``write_piece_rows``, so the lock is free for lookups between
+        pieces."""
+        if isinstance(values, (list, tuple)):
+            values = np.concatenate(values) if len(values) != 1 else values[0]
         n = int(np.shape(keys)[0])
         step = self.write_piece_rows
         write = self.upsert if insert else self.update_if_present
@@ -195,6 +200,10 @@ class EmbeddingCache(abc.ABC):
 
     #: rows per lock hold in :meth:`upsert_async` (a lookup waits at most for one piece)
     write_piece_rows = 8192
+    #: True when writing rows with repeated keys, unsorted, costs no more than writing one row
+    #: per key (cuda: the kernels resolve repeats on the device), so a writer need not reduce a
+    #: batch to one row per key on the host first
+    resolves_duplicates = False
 
     def evict(self, keys: Any) -> int:
         """Remove ``keys``; returns how many distinct keys were present."""

@@ -448,15 +448,25 @@ class CudaCache(EmbeddingCache):
             (self.upsert if insert else self.update_if_present)(keys, values, versions)
             return
         k = np.ascontiguousarray(keys)
-        v = np.asarray(values)
+        parts = (
+            [np.asarray(v) for v in values]
+            if isinstance(values, (list, tuple))
+            else [np.asarray(values)]
+        )
         ver = np.asarray(versions)
         n = k.shape[0]
         if k.ndim != 1 or k.dtype.kind not in "iu" or k.dtype.itemsize != 8:
             k = self._check_keys_host(k)
-        if v.ndim != 2 or v.shape != (n, self.dim) or v.dtype.kind != "f":
+        for v in parts:
+            if v.ndim != 2 or v.shape[1] != self.dim or v.dtype.kind != "f":
+                raise CacheError(
+                    f"values must have shape ({n}, {self.dim}) of floats for {n} keys, got "
+                    f"{tuple(v.shape)} {v.dtype}"
+                )
+        if sum(v.shape[0] for v in parts) != n:
             raise CacheError(
-                f"values must have shape ({n}, {self.dim}) of floats for {n} keys, got "
-                f"{tuple(v.shape)} {v.dtype}"
+                f"values hold {sum(v.shape[0] for v in parts)} rows for {n} keys; give one row "
+                "per key"
             )
         if ver.ndim != 1 or ver.shape[0] != n or ver.dtype.kind not in "iu":
             raise CacheError(f"versions must be ({n},) integers to match keys, got {ver.shape}")
@@ -464,7 +474,7 @@ class CudaCache(EmbeddingCache):
             raise CacheError("versions must be > 0; this call was refused and changed nothing")
         for lo in range(0, n, STAGE_ROWS):
             hi = min(n, lo + STAGE_ROWS)
-            self._stage_write(k[lo:hi], v[lo:hi], ver[lo:hi], insert)
+            self._stage_write(k[lo:hi], _rows_between(parts, lo, hi), ver[lo:hi], insert)
 
     def _check_keys_host(self, k: np.ndarray) -> np.ndarray:
         if k.ndim != 1 or k.dtype.kind not in "iu":
@@ -497,7 +507,11 @@ class CudaCache(EmbeddingCache):
             self._stage[i] = buf
         return buf
 
-    def _stage_write(self, k: np.ndarray, v: np.ndarray, ver: np.ndarray, insert: bool) -> None:
+    def _stage_write(
+        self, k: np.ndarray, v: list[np.ndarray], ver: np.ndarray, insert: bool
+    ) -> None:
+        """Stage ``k``, ``ver`` and the rows ``v`` (arrays stacked in order) in pinned memory,
+        one host -> device copy, then the kernels; returns once enqueued."""
         cp = self._cp
         n = int(k.shape[0])
         if n == 0:
@@ -510,7 +524,11 @@ class CudaCache(EmbeddingCache):
             host = np.frombuffer(buf["host"], dtype=np.uint8, count=n * (16 + rb))
             host[: 8 * n].view(np.int64)[:] = k
             host[8 * n : 16 * n].view(np.int64)[:] = ver
-            host[16 * n :].view(self.dtype).reshape(n, self.dim)[:] = v
+            rows = host[16 * n :].view(self.dtype).reshape(n, self.dim)
+            at = 0
+            for part in v:
+                rows[at : at + part.shape[0]] = part
+                at += part.shape[0]
             t1 = time.perf_counter()
             dev = buf["dev"]
             buf["t0"].record(self._copy_stream)
@@ -533,6 +551,8 @@ class CudaCache(EmbeddingCache):
             prof = self.apply_profile
             prof["stage_copy"] += t1 - t0
             prof["lock_enqueue"] += time.perf_counter() - t1
+
+    resolves_duplicates = True  # the apply/insert kernels keep the highest version per key
 
     def _launch_write(
         self, keys: Any, values: Any, versions: Any, absent: Any, counters: Any, clock: int,
@@ -569,3 +589,14 @@ class CudaCache(EmbeddingCache):
                  "dropped": int(c[4]), "absent": 0 if insert else int(c[5])},
                 rows,
             )  # fmt: skip
+
+
+def _rows_between(parts: list[np.ndarray], lo: int, hi: int) -> list[np.ndarray]:
+    """Rows ``lo:hi`` of the arrays ``parts`` stacked in order, as views of them."""
+    out, at = [], 0
+    for a in parts:
+        n = a.shape[0]
+        if at < hi and at + n > lo:
+            out.append(a[max(lo - at, 0) : min(hi - at, n)])
+        at += n
+    return out

@@ -29,7 +29,7 @@ from streamhps.config import TableSpec
 from streamhps.store.base import StoreReader
 from streamhps.validation import Rejected, check_dense_message, check_table_message
 from streamhps.worker.staleness import LagTracker
-from streamhps.worker.window import RecentRows, latest_per_key
+from streamhps.worker.window import RecentRows, latest_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,8 @@ POLL_TIMEOUT_S = 0.005
 #: Stages of the ingest thread's time (:meth:`Ingestor.profile`). ``poll_idle``: consume calls
 #: that returned nothing (waiting for data); ``poll``: those that returned messages;
 #: ``decode_validate``: wire decode and checks of every message; ``dedup_sort``: one row per key
-#: (a host sort of the batch's keys) and the window's own copy of the rows; ``window``: the
+#: (a host sort of the batch's keys; for a cache that does not resolve repeated keys itself, the
+#: gather of the kept rows); ``window``: the
 #: window insert; ``cache``: the cache write, which holds the cache's lock against lookups
 #: (cuda: staging, host -> device copy and kernels); ``markers``: commit markers, positions and
 #: latency records; ``fills``: read-through fills; ``store_refresh``: the store's offsets and
@@ -335,34 +336,45 @@ class Ingestor:
     def _apply_rows(
         self, st: TableState, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]
     ) -> None:
+        """One window insert and one cache write for the rows of all ``parts`` (messages) of a
+        table. Vectors are not copied on the host: the window keeps the decoded messages'
+        arrays, and a cache that resolves repeated keys itself (cuda) takes them as they are."""
         prof = self.profile.seconds
         t0 = time.perf_counter()
+        sources = [p[2] for p in parts]
         if len(parts) == 1:
-            keys, versions, vectors, part, off = parts[0]
+            keys, versions, _, part, off = parts[0]
             n = keys.shape[0]
             partitions = np.full(n, part, dtype=np.int32)
             offsets = np.full(n, off, dtype=np.int64)
+            src = np.zeros(n, dtype=np.int32)
+            row = np.arange(n, dtype=np.int64)
         else:
             keys = np.concatenate([p[0] for p in parts])
             versions = np.concatenate([p[1] for p in parts])
-            vectors = np.concatenate([p[2] for p in parts])
-            counts = [p[0].shape[0] for p in parts]
+            counts = np.array([p[0].shape[0] for p in parts], dtype=np.int64)
             partitions = np.repeat(np.array([p[3] for p in parts], dtype=np.int32), counts)
             offsets = np.repeat(np.array([p[4] for p in parts], dtype=np.int64), counts)
+            src = np.repeat(np.arange(len(parts), dtype=np.int32), counts)
+            row = np.arange(keys.shape[0], dtype=np.int64) - np.repeat(
+                np.cumsum(counts) - counts, counts
+            )
         n = int(keys.shape[0])
-        keys, versions, (vectors, partitions, offsets) = latest_per_key(
-            keys, versions, vectors, partitions, offsets
-        )
-        if not vectors.flags.writeable:  # views into message bytes: the window keeps its own copy
-            vectors = vectors.copy()
+        sel = latest_rows(keys, versions)
+        uk, uv = keys[sel], versions[sel]
+        if st.cache.resolves_duplicates:
+            rows: tuple[Any, Any, Any] = (keys, sources, versions)
+        else:
+            stacked = sources[0] if len(sources) == 1 else np.concatenate(sources)
+            rows = (uk, np.take(stacked, sel, axis=0), uv)
         t1 = time.perf_counter()
         # Window before cache: a lookup that misses the cache after this point finds the row
         # here, and a fill applied later on this thread is checked against it.
-        st.window.add(keys, versions, vectors, partitions, offsets)
+        st.window.add(uk, uv, sources, partitions[sel], offsets[sel], src=src[sel], row=row[sel])
         t2 = time.perf_counter()
         # No count back: the cuda cache enqueues without waiting for the device (later lookups
         # are ordered after it on its stream); the numpy cache writes in lock-sized pieces.
-        st.cache.upsert_async(keys, vectors, versions, insert=st.spec.insert_on_update)
+        st.cache.upsert_async(*rows, insert=st.spec.insert_on_update)
         t3 = time.perf_counter()
         prof["dedup_sort"] += t1 - t0
         prof["window"] += t2 - t1

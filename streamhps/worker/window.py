@@ -8,38 +8,70 @@ offsets show that the processor has written it, and a miss consults this window 
 
 Layout: one :class:`RecentRows` per table, a short tuple of immutable chunks in arrival order.
 Each chunk is sorted by key with one row per key (its highest version), plus each row's Kafka
-partition and offset. New chunks merge with their neighbour while it is at most twice their
-size (a log-structured merge: O(log n) chunks, O(log n) amortised copies per row), dropping
-rows the store already holds, but never into a chunk of more than ``merge_cap`` rows: the merge
-runs on the ingest thread, and a merge whose cost grew with the whole window (a lagging
-processor leaves every row in it) would hold back every update behind it. Past the cap the
-window is a list of full chunks (lookups search each; their count is window rows / cap) that
-prune drops whole once the store holds their rows. Merging two sorted chunks is linear (a
+partition and offset. A chunk does not copy its rows' vectors: it keeps the arrays they arrived
+in (``sources``: the decoded messages' vectors, read-only views of the Kafka bytes) and per key
+the source and the row in it, so a batch reaches the window without a copy of its vectors.
+New chunks merge with their neighbour while it is at most twice their size (a log-structured
+merge: O(log n) chunks), dropping rows the store already holds; a merge moves 36 bytes of index
+per row, not the row, and copies vectors only when a chunk would reference more than
+``MAX_SOURCES`` arrays (then its live rows are gathered into one array, which also frees the
+message bytes its superseded rows held). No merge makes a chunk of more than ``merge_cap`` rows:
+the merge runs on the ingest thread, and a merge whose cost grew with the whole window (a
+lagging processor leaves every row in it) would hold back every update behind it. Past the cap
+the window is a list of full chunks (lookups search each; their count is window rows / cap)
+that prune drops whole once the store holds their rows. Merging two sorted chunks is linear (a
 stable sort of two sorted runs is a merge). A chunk whose rows are all below the store's
-offsets is dropped whole. The ingest thread is the only writer; readers take the tuple as a snapshot without a
-lock (copy-on-write).
+offsets is dropped whole. The ingest thread is the only writer; readers take the tuple as a
+snapshot without a lock (copy-on-write).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 
 class Chunk(NamedTuple):
-    """Rows sorted by key, unique keys, each with the offset of the message it came from."""
+    """Rows sorted by key, unique keys, each with the offset of the message it came from; a
+    key's vector is ``sources[src[i]][row[i]]``."""
 
     keys: np.ndarray  # int64 [n], sorted, unique
     versions: np.ndarray  # int64 [n]
-    vectors: np.ndarray  # [n, dim]
     partitions: np.ndarray  # int32 [n]
     offsets: np.ndarray  # int64 [n]
+    src: np.ndarray  # int32 [n]: index into sources
+    row: np.ndarray  # int64 [n]: row in that source
+    sources: tuple[np.ndarray, ...]  # [rows, dim] arrays
     max_offset: np.ndarray  # int64 [table partitions]: newest offset per partition, -1 if none
 
     @property
     def rows(self) -> int:
         return int(self.keys.shape[0])
+
+    def vectors(self, idx: np.ndarray, out: np.ndarray) -> None:
+        """``out[j] = vector of row idx[j]`` of this chunk."""
+        gather(self.sources, self.src[idx], self.row[idx], out)
+
+
+def gather(
+    sources: Sequence[np.ndarray], src: np.ndarray, row: np.ndarray, out: np.ndarray
+) -> None:
+    """``out[j] = sources[src[j]][row[j]]``: one fancy gather per source used."""
+    if len(sources) == 1:
+        if sources[0].dtype == out.dtype:
+            np.take(sources[0], row, axis=0, out=out)
+        else:
+            out[:] = sources[0][row]
+        return
+    order = np.argsort(src, kind="stable")
+    bounds = np.searchsorted(src[order], np.arange(len(sources) + 1))
+    for s in range(len(sources)):
+        lo, hi = bounds[s], bounds[s + 1]
+        if hi > lo:
+            j = order[lo:hi]
+            out[j] = sources[s][row[j]]
 
 
 def latest_per_key(
@@ -49,9 +81,17 @@ def latest_per_key(
 
     Returns ``(keys, versions, [column[selected] for column in columns])``.
     """
+    if keys.shape[0] == 0:
+        return keys, versions, list(columns)
+    sel = latest_rows(keys, versions)
+    return keys[sel], versions[sel], [c[sel] for c in columns]
+
+
+def latest_rows(keys: np.ndarray, versions: np.ndarray) -> np.ndarray:
+    """The rows :func:`latest_per_key` keeps, in key order (indices into ``keys``)."""
     n = keys.shape[0]
     if n == 0:
-        return keys, versions, list(columns)
+        return np.zeros(0, dtype=np.int64)
     # An unstable sort by key alone (several times faster than a two-key lexsort); rows of a
     # key that occurs more than once are then ordered by (key, version, arrival) among
     # themselves, usually few.
@@ -78,13 +118,13 @@ def latest_per_key(
         order[pos[first]] = rows[o2[last]]  # groups in key order on both sides
         keep = ~in_dup
         keep[pos[first]] = True
-        sel = order[keep]
-    else:
-        sel = order
-    return keys[sel], versions[sel], [c[sel] for c in columns]
+        return order[keep]
+    return order
 
 
-MERGE_CAP = 1 << 16  # rows; a merge copies at most this many rows (16 MB at dim 64 fp32)
+MERGE_CAP = 1 << 16  # rows; a merge moves at most this many rows' index entries
+#: arrays one chunk may reference before a merge gathers its live rows into one
+MAX_SOURCES = 32
 
 
 class RecentRows:
@@ -108,19 +148,33 @@ class RecentRows:
         self,
         keys: np.ndarray,
         versions: np.ndarray,
-        vectors: np.ndarray,
+        vectors: np.ndarray | Sequence[np.ndarray],
         partitions: np.ndarray,
         offsets: np.ndarray,
+        *,
+        src: np.ndarray | None = None,
+        row: np.ndarray | None = None,
     ) -> None:
-        """Add rows already reduced by :func:`latest_per_key` (sorted, one row per key)."""
-        if keys.shape[0] == 0:
+        """Add rows already reduced by :func:`latest_per_key` (sorted, one row per key).
+
+        ``vectors``: the rows' vectors aligned with ``keys``; or the arrays they are in, with
+        ``src``/``row`` giving each key's array and row (no copy: the window keeps the arrays,
+        which must not change afterwards)."""
+        n = keys.shape[0]
+        if n == 0:
             return
+        if src is None or row is None:
+            sources: tuple[np.ndarray, ...] = (np.asarray(vectors),)
+            src, row = np.zeros(n, dtype=np.int32), np.arange(n, dtype=np.int64)
+        else:
+            sources = tuple(vectors)
         max_off = np.full(self.partitions, -1, dtype=np.int64)
         np.maximum.at(max_off, partitions, offsets)
         chunks = [
             *self._chunks,
-            Chunk(keys, versions, vectors, partitions.astype(np.int32), offsets, max_off),
-        ]
+            Chunk(keys, versions, partitions.astype(np.int32, copy=False), offsets,
+                  src.astype(np.int32, copy=False), row, sources, max_off),
+        ]  # fmt: skip
         while (
             len(chunks) >= 2
             and chunks[-2].rows <= 2 * chunks[-1].rows
@@ -153,7 +207,6 @@ class RecentRows:
         versions = np.concatenate([older.versions, newer.versions])[order]
         parts = np.concatenate([older.partitions, newer.partitions])[order]
         offs = np.concatenate([older.offsets, newer.offsets])[order]
-        n = keys.shape[0]
         keep = offs >= self._store_next[parts]
         if not keep.all():
             self.epoch += 1
@@ -166,16 +219,30 @@ class RecentRows:
             keep[dup[older_wins] + 1] = False
         if not keep.any():
             return None
-        if keep.all():
-            sel = order
-        else:
-            sel = order[keep]
+        sel = order if keep.all() else order[keep]
+        if not keep.all():
             keys, versions, parts, offs = keys[keep], versions[keep], parts[keep], offs[keep]
-        vectors = np.concatenate([older.vectors, newer.vectors])
-        vectors = vectors[sel] if n else vectors
+        shift = np.int32(len(older.sources))
+        src = np.concatenate([older.src, newer.src + shift])[sel]
+        row = np.concatenate([older.row, newer.row])[sel]
+        sources = older.sources + newer.sources
+        used = np.zeros(len(sources), dtype=bool)
+        used[src] = True
+        if used.sum() > MAX_SOURCES:
+            # one array for the chunk's live rows: bounds the arrays a lookup gathers from
+            vectors = np.empty((keys.shape[0], self.dim), dtype=self.dtype)
+            gather(sources, src, row, vectors)
+            sources = (vectors,)
+            src = np.zeros(keys.shape[0], dtype=np.int32)
+            row = np.arange(keys.shape[0], dtype=np.int64)
+        elif not used.all():
+            # drop arrays no live row points into (superseded or stored rows): frees their bytes
+            remap = np.cumsum(used, dtype=np.int32) - 1
+            src = remap[src]
+            sources = tuple(a for a, u in zip(sources, used, strict=True) if u)
         max_off = np.full(self.partitions, -1, dtype=np.int64)
         np.maximum.at(max_off, parts, offs)
-        return Chunk(keys, versions, vectors, parts, offs, max_off)
+        return Chunk(keys, versions, parts, offs, src, row, sources, max_off)
 
     # ---------------------------------------------------------------- readers (any thread)
 
@@ -201,9 +268,11 @@ class RecentRows:
                 best_r[better] = idx[better]
         vectors = np.zeros((n, self.dim), dtype=self.dtype)
         for ci, c in enumerate(chunks):
-            sel = best_c == ci
-            if sel.any():
-                vectors[sel] = c.vectors[best_r[sel]]
+            sel = np.flatnonzero(best_c == ci)
+            if sel.size:
+                part = np.empty((sel.size, self.dim), dtype=self.dtype)
+                c.vectors(best_r[sel], part)
+                vectors[sel] = part
         return vectors, best_v, best_c >= 0
 
     @property
@@ -216,4 +285,7 @@ class RecentRows:
 
     @property
     def nbytes(self) -> int:
-        return sum(c.vectors.nbytes + c.rows * 28 for c in self._chunks)
+        """Bytes the window holds alive: its index entries and every array its rows are in."""
+        chunks = self._chunks
+        arrays = {id(a): a.nbytes for c in chunks for a in c.sources}
+        return sum(arrays.values()) + sum(c.rows * 36 for c in chunks)

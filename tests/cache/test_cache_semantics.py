@@ -172,14 +172,16 @@ def test_values_from_the_other_float_width_are_converted(new_cache):
     assert host(out).dtype == np.float16 and (host(out) == 0.5).all()
 
 
+@pytest.mark.parametrize("parts", [False, True])
 @pytest.mark.parametrize("insert", [True, False])
 @pytest.mark.parametrize("dim", [64, 5])
-def test_upsert_async_leaves_the_state_upsert_leaves(new_cache, insert, dim):
+def test_upsert_async_leaves_the_state_upsert_leaves(new_cache, insert, dim, parts):
     """The stream-write path (staged on cuda, in pieces on numpy) equals upsert/update_if_present:
     same rows and versions with duplicate keys and stale rows inside one call and calls of
     several lock pieces; same counters while a call's keys are unique (the worker's case: a
     duplicate split over two pieces counts as two writes). Keys stay well below a bucket per
-    call: which of more keys than a bucket holds wins inside one GPU launch is not fixed."""
+    call: which of more keys than a bucket holds wins inside one GPU launch is not fixed.
+    ``parts``: the rows given as several arrays stacked in order (the worker's messages)."""
     rng = np.random.default_rng(dim + insert)
     a, b = new_cache(capacity=4096, dim=dim), new_cache(capacity=4096, dim=dim)
     b.write_piece_rows = 7  # several pieces per call on the numpy backend
@@ -196,7 +198,7 @@ def test_upsert_async_leaves_the_state_upsert_leaves(new_cache, insert, dim):
                 a.upsert(keys[: n // 2], vals[: n // 2], vers[: n // 2] - 1)
                 b.upsert(keys[: n // 2], vals[: n // 2], vers[: n // 2] - 1)
             (a.upsert if insert else a.update_if_present)(keys, vals, vers)
-            b.upsert_async(keys, vals, vers, insert=insert)
+            b.upsert_async(keys, np.array_split(vals, 3) if parts else vals, vers, insert=insert)
             va, ha = a.get_versions(probe)
             vb, hb = b.get_versions(probe)
             np.testing.assert_array_equal(host(ha), host(hb))
@@ -215,4 +217,6 @@ def test_upsert_async_refuses_bad_input_and_changes_nothing(new_cache):
         c.upsert_async(i64(1), np.zeros((1, 4), np.float32), i64(0))
     with pytest.raises(CacheError):
         c.upsert_async(i64(1, 2), np.zeros((2, 3), np.float32), i64(1, 1))
+    with pytest.raises(CacheError):  # parts that do not add up to one row per key
+        c.upsert_async(i64(1, 2), [np.zeros((1, 4), np.float32)] * 3, i64(1, 1))
     assert len(c) == 0

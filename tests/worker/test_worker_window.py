@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamhps.worker.window import MERGE_CAP, RecentRows, latest_per_key
+from streamhps.worker.window import MAX_SOURCES, MERGE_CAP, RecentRows, latest_per_key, latest_rows
 
 
 def _add(w: RecentRows, keys, versions, part: int, offset: int) -> None:
@@ -97,10 +97,11 @@ def test_window_matches_a_dict_model(
             held[k] = max(held.get(k, 0), version)
     w.prune(np.array([stored_upto]))
     q = np.arange(41, dtype=np.int64)
-    _, ver, found = w.get(q)
+    vec, ver, found = w.get(q)
     for k in range(41):
         if found[k]:
             assert k in newest and unstored.get(k, 0) <= ver[k] <= newest[k], k
+            assert vec[k, 0] == ver[k], k  # the row of that version, not another one's
         else:
             # an unstored row is never lost unless the store holds the key at least as new
             assert k not in unstored or stored.get(k, 0) >= unstored[k], k
@@ -133,3 +134,56 @@ def test_latest_per_key_matches_a_dict_model(rows: list[tuple[int, int]]) -> Non
     k, v, (idx,) = latest_per_key(keys, versions, np.arange(len(rows)))
     assert k.tolist() == sorted(model)
     assert [(int(a), int(b)) for a, b in zip(v, idx, strict=True)] == [model[x] for x in k.tolist()]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(st.integers(0, 30), st.integers(1, 9)), min_size=1, max_size=6),
+        min_size=1,
+        max_size=80,
+    )
+)
+def test_rows_kept_in_the_message_arrays_read_back_as_the_newest(
+    messages: list[list[tuple[int, int]]],
+) -> None:
+    """The ingest path: a batch's rows stay in the arrays they arrived in (one per message,
+    read-only like decoded Kafka bytes); whatever merges and gathers happen, get() returns the
+    vector of the newest version of each key, and no chunk keeps more than MAX_SOURCES arrays."""
+    w = RecentRows(dim=3, dtype=np.float32, partitions=1)
+    newest: dict[int, int] = {}
+    for off in range(0, len(messages), 3):  # batches of up to three messages
+        batch = messages[off : off + 3]
+        arrays = []
+        for m in batch:
+            a = np.array([[v, k, v * 100 + k] for k, v in m], dtype=np.float32)
+            a.setflags(write=False)
+            arrays.append(a)
+        keys = np.array([k for m in batch for k, _ in m], dtype=np.int64)
+        versions = np.array([v for m in batch for _, v in m], dtype=np.int64)
+        src = np.repeat(np.arange(len(batch), dtype=np.int32), [len(m) for m in batch])
+        row = np.concatenate([np.arange(len(m)) for m in batch]).astype(np.int64)
+        sel = latest_rows(keys, versions)
+        n = sel.shape[0]
+        w.add(keys[sel], versions[sel], arrays, np.zeros(n, np.int32), np.full(n, off, np.int64),
+              src=src[sel], row=row[sel])  # fmt: skip
+        for k, v in zip(keys.tolist(), versions.tolist(), strict=True):
+            newest[k] = max(newest.get(k, 0), v)
+        assert all(len(c.sources) <= MAX_SOURCES for c in w._chunks)
+    vec, ver, found = w.get(np.arange(31, dtype=np.int64))
+    assert found.tolist() == [k in newest for k in range(31)]
+    for k in newest:
+        assert ver[k] == newest[k]
+        assert vec[k].tolist() == [newest[k], k, newest[k] * 100 + k]
+
+
+def test_a_chunk_of_many_small_batches_gathers_its_rows_into_one_array() -> None:
+    w = RecentRows(dim=2, dtype=np.float32, partitions=1)
+    for i in range(4 * MAX_SOURCES):
+        a = np.array([[i, i]], dtype=np.float32)
+        w.add(np.array([i], np.int64), np.array([1], np.int64), [a], np.zeros(1, np.int32),
+              np.array([i], np.int64), src=np.zeros(1, np.int32), row=np.zeros(1, np.int64))  # fmt: skip
+    assert w.rows == 4 * MAX_SOURCES
+    assert max(len(c.sources) for c in w._chunks) <= MAX_SOURCES
+    vec, _, found = w.get(np.arange(4 * MAX_SOURCES, dtype=np.int64))
+    assert found.all() and vec[:, 0].tolist() == list(range(4 * MAX_SOURCES))
