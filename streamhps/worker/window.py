@@ -13,9 +13,8 @@ in (``sources``: the decoded messages' vectors, read-only views of the Kafka byt
 the source and the row in it, so a batch reaches the window without a copy of its vectors.
 New chunks merge with their neighbour while it is at most twice their size (a log-structured
 merge: O(log n) chunks), dropping rows the store already holds; a merge moves 36 bytes of index
-per row, not the row, and copies vectors only when a chunk would reference more than
-``MAX_SOURCES`` arrays (then its live rows are gathered into one array, which also frees the
-message bytes its superseded rows held). No merge makes a chunk of more than ``merge_cap`` rows:
+per row, never the row, and lets go of arrays no live row points into any more (a vector is
+copied once, when a lookup reads it). No merge makes a chunk of more than ``merge_cap`` rows:
 the merge runs on the ingest thread, and a merge whose cost grew with the whole window (a
 lagging processor leaves every row in it) would hold back every update behind it. Past the cap
 the window is a list of full chunks (lookups search each; their count is window rows / cap)
@@ -66,12 +65,12 @@ def gather(
             out[:] = sources[0][row]
         return
     order = np.argsort(src, kind="stable")
-    bounds = np.searchsorted(src[order], np.arange(len(sources) + 1))
-    for s in range(len(sources)):
-        lo, hi = bounds[s], bounds[s + 1]
-        if hi > lo:
-            j = order[lo:hi]
-            out[j] = sources[s][row[j]]
+    ss = src[order]
+    starts = np.flatnonzero(np.concatenate(([True], ss[1:] != ss[:-1])))
+    ends = np.append(starts[1:], ss.shape[0])
+    for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
+        j = order[lo:hi]
+        out[j] = sources[int(ss[lo])][row[j]]
 
 
 def latest_per_key(
@@ -123,8 +122,6 @@ def latest_rows(keys: np.ndarray, versions: np.ndarray) -> np.ndarray:
 
 
 MERGE_CAP = 1 << 16  # rows; a merge moves at most this many rows' index entries
-#: arrays one chunk may reference before a merge gathers its live rows into one
-MAX_SOURCES = 32
 
 
 class RecentRows:
@@ -228,14 +225,7 @@ class RecentRows:
         sources = older.sources + newer.sources
         used = np.zeros(len(sources), dtype=bool)
         used[src] = True
-        if used.sum() > MAX_SOURCES:
-            # one array for the chunk's live rows: bounds the arrays a lookup gathers from
-            vectors = np.empty((keys.shape[0], self.dim), dtype=self.dtype)
-            gather(sources, src, row, vectors)
-            sources = (vectors,)
-            src = np.zeros(keys.shape[0], dtype=np.int32)
-            row = np.arange(keys.shape[0], dtype=np.int64)
-        elif not used.all():
+        if not used.all():
             # drop arrays no live row points into (superseded or stored rows): frees their bytes
             remap = np.cumsum(used, dtype=np.int32) - 1
             src = remap[src]

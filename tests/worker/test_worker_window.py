@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamhps.worker.window import MAX_SOURCES, MERGE_CAP, RecentRows, latest_per_key, latest_rows
+from streamhps.worker.window import MERGE_CAP, RecentRows, latest_per_key, latest_rows
 
 
 def _add(w: RecentRows, keys, versions, part: int, offset: int) -> None:
@@ -149,7 +149,7 @@ def test_rows_kept_in_the_message_arrays_read_back_as_the_newest(
 ) -> None:
     """The ingest path: a batch's rows stay in the arrays they arrived in (one per message,
     read-only like decoded Kafka bytes); whatever merges and gathers happen, get() returns the
-    vector of the newest version of each key, and no chunk keeps more than MAX_SOURCES arrays."""
+    vector of the newest version of each key."""
     w = RecentRows(dim=3, dtype=np.float32, partitions=1)
     newest: dict[int, int] = {}
     for off in range(0, len(messages), 3):  # batches of up to three messages
@@ -169,7 +169,6 @@ def test_rows_kept_in_the_message_arrays_read_back_as_the_newest(
               src=src[sel], row=row[sel])  # fmt: skip
         for k, v in zip(keys.tolist(), versions.tolist(), strict=True):
             newest[k] = max(newest.get(k, 0), v)
-        assert all(len(c.sources) <= MAX_SOURCES for c in w._chunks)
     vec, ver, found = w.get(np.arange(31, dtype=np.int64))
     assert found.tolist() == [k in newest for k in range(31)]
     for k in newest:
@@ -177,13 +176,16 @@ def test_rows_kept_in_the_message_arrays_read_back_as_the_newest(
         assert vec[k].tolist() == [newest[k], k, newest[k] * 100 + k]
 
 
-def test_a_chunk_of_many_small_batches_gathers_its_rows_into_one_array() -> None:
+def test_arrays_whose_rows_are_all_superseded_are_let_go() -> None:
+    """A merge keeps only the arrays live rows point into: memory of superseded messages frees."""
     w = RecentRows(dim=2, dtype=np.float32, partitions=1)
-    for i in range(4 * MAX_SOURCES):
-        a = np.array([[i, i]], dtype=np.float32)
-        w.add(np.array([i], np.int64), np.array([1], np.int64), [a], np.zeros(1, np.int32),
-              np.array([i], np.int64), src=np.zeros(1, np.int32), row=np.zeros(1, np.int64))  # fmt: skip
-    assert w.rows == 4 * MAX_SOURCES
-    assert max(len(c.sources) for c in w._chunks) <= MAX_SOURCES
-    vec, _, found = w.get(np.arange(4 * MAX_SOURCES, dtype=np.int64))
-    assert found.all() and vec[:, 0].tolist() == list(range(4 * MAX_SOURCES))
+    old = np.zeros((100, 2), dtype=np.float32)
+    new = np.ones((100, 2), dtype=np.float32)
+    keys = np.arange(100, dtype=np.int64)
+    for version, (a, off) in enumerate([(old, 0), (new, 1)], start=1):
+        w.add(keys, np.full(100, version, np.int64), [a], np.zeros(100, np.int32),
+              np.full(100, off, np.int64), src=np.zeros(100, np.int32), row=keys)  # fmt: skip
+    assert w.chunks == 1 and w._chunks[0].sources == (new,)
+    assert w.nbytes == new.nbytes + 100 * 36
+    vec, ver, _ = w.get(keys)
+    assert (ver == 2).all() and (vec == 1).all()
