@@ -336,7 +336,8 @@ def worker_latency_run(
         load.join()
         time.sleep(0.2)
         vis, weights = w.visible_latencies()
-        prof = w.ingest_profile() if profile else None
+        prof = w.ingest_profile()
+        split = prof.pop("latency_split", {})
         stats = w.stats()
     finally:
         w.stop()
@@ -359,7 +360,8 @@ def worker_latency_run(
         "lookup_samples": [int(idle.size), int(busy.size)],
         "rejected": stats.get("rejected", {}).get("count", 0),
         "first_miss_lookup_ms": first_miss_ms,
-        "profile": prof,
+        "split": split,
+        "profile": prof if profile else None,
     }
 
 
@@ -447,6 +449,19 @@ def print_tables(res: dict[str, Any]) -> None:
         print(line)
     print("targets: visible p99 <= raw p99 + 20 ms up to 50 %, <= 100 ms at 50 %; "
           "lookup p99 ingesting at 50 % <= 1.5x idle")  # fmt: skip
+    print("\nwhere publish -> visible goes (ms, per row): publish -> returned by consume() | "
+          "consume() -> visible (the ingest round)")  # fmt: skip
+    print("| % of raw max | raw p50 / p99 |"
+          + "".join(f" {d} consumed p50 / p99 | {d} apply p50 / p99 / max |" for d in devs))  # fmt: skip
+    print("|" + "---|" * (2 + 2 * len(devs)))
+    for p in res["curve"]:
+        line = f"| {p['fraction']:.0%} | {_f(p['raw']['p50_ms'])} / {_f(p['raw']['p99_ms'])} |"
+        for d in devs:
+            sp = p[d].get("split") or {}
+            line += (f" {_f(sp.get('consumed_p50_ms'))} / {_f(sp.get('consumed_p99_ms'))} | "
+                     f"{_f(sp.get('apply_p50_ms'))} / {_f(sp.get('apply_p99_ms'))} / "
+                     f"{_f(sp.get('apply_max_ms'))} |")  # fmt: skip
+        print(line)
     for p in res["curve"]:
         for d in devs:
             prof = p[d].get("profile")

@@ -776,10 +776,13 @@ class InferenceWorker:
 
     def ingest_profile(self) -> dict[str, Any]:
         """Seconds the ingest thread spent per stage since start or the last reset
-        (:data:`streamhps.worker.ingest.STAGES`), with the wall time, rows and applies."""
+        (:data:`streamhps.worker.ingest.STAGES`), with the wall time, rows and applies, and
+        where publish -> visible went since the last :meth:`reset_latencies`
+        (``latency_split``: :meth:`Ingestor.latency_split`)."""
         if self._ingest is None:
             return {}
         out = self._ingest.profile.snapshot()
+        out["latency_split"] = self._ingest.latency_split()
         for st in self._tables.values():
             detail = getattr(st.cache, "apply_profile", None)
             if detail:

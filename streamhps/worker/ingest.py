@@ -181,6 +181,7 @@ class Ingestor:
         self._last_watermarks = 0.0
         self._lat = np.zeros(_LATENCY_SAMPLES)
         self._lat_rows = np.zeros(_LATENCY_SAMPLES, dtype=np.int64)
+        self._lat_consumed = np.zeros(_LATENCY_SAMPLES)  # publish -> returned by consume()
         self._lat_n = 0
         self.profile = StageTimes()
         self._lat_lock = threading.Lock()
@@ -222,7 +223,7 @@ class Ingestor:
         t1 = time.perf_counter()
         prof["poll" if msgs else "poll_idle"] += t1 - t0
         if msgs:
-            self._apply(msgs)
+            self._apply(msgs, time.time())
         t1 = time.perf_counter()
         self._apply_fills()
         t2 = time.perf_counter()
@@ -272,7 +273,8 @@ class Ingestor:
 
     # ---------------------------------------------------------------- applying messages
 
-    def _apply(self, msgs: list[Any]) -> None:
+    def _apply(self, msgs: list[Any], consumed_at: float) -> None:
+        """Apply one consumed batch; ``consumed_at``: wall time the consumer returned it."""
         c = self.counters
         rows: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]] = {}
         markers: list[tuple[str, int, int]] = []
@@ -327,9 +329,11 @@ class Ingestor:
         c.batches += 1
         if published_us:
             # Stamped after the cache write returned: from here on a lookup sees these rows.
+            published = np.asarray(published_us, dtype=np.float64) / 1e6
             self._record_latency(
-                time.time() - np.asarray(published_us, dtype=np.float64) / 1e6,
+                time.time() - published,
                 np.asarray(published_rows, dtype=np.int64),
+                consumed_at - published,
             )
         prof["markers"] += time.perf_counter() - t0
 
@@ -452,12 +456,13 @@ class Ingestor:
 
     # ---------------------------------------------------------------- latency samples
 
-    def _record_latency(self, seconds: np.ndarray, rows: np.ndarray) -> None:
+    def _record_latency(self, seconds: np.ndarray, rows: np.ndarray, consumed: np.ndarray) -> None:
         with self._lat_lock:
             n = seconds.shape[0]
             idx = (self._lat_n + np.arange(n)) % _LATENCY_SAMPLES
             self._lat[idx] = seconds
             self._lat_rows[idx] = rows
+            self._lat_consumed[idx] = consumed
             self._lat_n += n
 
     def latencies_rows(self) -> tuple[np.ndarray, np.ndarray]:
@@ -466,6 +471,19 @@ class Ingestor:
         with self._lat_lock:
             k = min(self._lat_n, _LATENCY_SAMPLES)
             return self._lat[:k].copy(), self._lat_rows[:k].copy()
+
+    def latency_split(self) -> dict[str, float]:
+        """Where publish -> visible goes, per row over the recorded messages (ms): up to the
+        consumer returning the message (``consumed``: broker, fetch, the consumer's queue while
+        this thread was busy) and from there to visible (``apply``: the rest of the round)."""
+        with self._lat_lock:
+            k = min(self._lat_n, _LATENCY_SAMPLES)
+            vis, rows, cons = self._lat[:k], self._lat_rows[:k], self._lat_consumed[:k]
+            out: dict[str, float] = {}
+            for name, x in (("consumed", cons), ("apply", vis - cons), ("visible", vis)):
+                p50, p99, top = row_quantiles(x * 1e3, rows, (0.5, 0.99, 1.0))
+                out.update({f"{name}_p50_ms": p50, f"{name}_p99_ms": p99, f"{name}_max_ms": top})
+            return out
 
     def reset_latencies(self) -> None:
         with self._lat_lock:
