@@ -1,12 +1,16 @@
 """The worker's ingest loop: consume, decode, validate, apply whole batches to cache and window.
 
+Two threads: the fetch thread owns the consumer (consume, decode, validate, the fetched
+watermarks) and hands each decoded batch to the apply thread, which writes window and cache
+and moves the positions; so the next batch is fetched and decoded while one is applied.
+
 Validation is :mod:`streamhps.validation`'s, the processor's own: a message the processor
 dead-letters is skipped here for the same reason and counted (``rejected``); workers write no
 dead letters (the processor's one copy per bad message is the record).
 
-One background thread owns the consumer, the windows and every cache write (stream updates and
-the read-through fills that lookups request), so cache writes are serialised with the stream
-and a fill can be checked against the window at the moment it is applied (invariant 3).
+The apply thread owns the windows and every cache write (stream updates and the read-through
+fills that lookups request), so cache writes are serialised with the stream and a fill can be
+checked against the window at the moment it is applied (invariant 3).
 """
 
 from __future__ import annotations
@@ -40,17 +44,20 @@ _LATENCY_SAMPLES = 1 << 16
 #: cheaper applies.
 BATCH_MESSAGES = 1024
 POLL_TIMEOUT_S = 0.005
-#: Stages of the ingest thread's time (:meth:`Ingestor.profile`). ``poll_idle``: consume calls
-#: that returned nothing (waiting for data); ``poll``: those that returned messages;
-#: ``decode_validate``: wire decode and checks of every message; ``dedup_sort``: one row per key
-#: (a host sort of the batch's keys; for a cache that does not resolve repeated keys itself, the
-#: gather of the kept rows); ``window``: the
-#: window insert; ``cache``: the cache write, which holds the cache's lock against lookups
-#: (cuda: staging, host -> device copy and kernels); ``markers``: commit markers, positions and
-#: latency records; ``fills``: read-through fills; ``store_refresh``: the store's offsets and
-#: window pruning.
-STAGES = ("poll_idle", "poll", "decode_validate", "dedup_sort", "window", "cache", "markers",
-          "fills", "store_refresh")  # fmt: skip
+#: Stages of the ingest threads' time (:meth:`Ingestor.profile`). The fetch thread:
+#: ``poll_idle``: consume calls that returned nothing (waiting for data); ``poll``: those that
+#: returned messages; ``decode_validate``: wire decode and checks of every message. The apply
+#: thread: ``apply_idle``: waiting for a consumed batch; ``dedup_sort``: one row per key (a host
+#: sort of the batch's keys; for a cache that does not resolve repeated keys itself, the gather
+#: of the kept rows); ``window``: the window insert; ``cache``: the cache write, which holds the
+#: cache's lock against lookups (cuda: staging, host -> device copy and kernels); ``markers``:
+#: commit markers, positions and latency records; ``fills``: read-through fills;
+#: ``store_refresh``: the store's offsets and window pruning. Each thread's stages add up to
+#: the wall time.
+STAGES = ("poll_idle", "poll", "decode_validate", "apply_idle", "dedup_sort", "window", "cache",
+          "markers", "fills", "store_refresh")  # fmt: skip
+#: consumed batches the fetch thread may hold ready while the apply thread is busy
+QUEUED_BATCHES = 2
 DenseCallback = Callable[[int, dict[str, np.ndarray]], None]
 
 
@@ -89,6 +96,32 @@ class IngestCounters:
     fills_dropped: int = 0
     dense_updates: int = 0
     started_at: float = field(default_factory=time.monotonic)
+
+
+Parts = list[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]
+"""Rows of one table from a batch's messages: (keys, versions, vectors, partition, offset)."""
+
+
+@dataclass
+class ConsumedBatch:
+    """One consume round, decoded and checked: what the fetch thread hands the apply thread."""
+
+    messages: int = 0
+    rows: dict[str, Parts] = field(default_factory=dict)  # table -> its messages' rows
+    markers: list[tuple[str, int, int]] = field(default_factory=list)  # (table, part, version)
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)  # next offset
+    # per message of rows: (publish time us, rows, wall time the consumer returned it)
+    published: list[tuple[int, int, float]] = field(default_factory=list)
+
+    def extend(self, later: ConsumedBatch) -> None:
+        """Append a later round (applied as one: the same result, one window insert and one
+        cache write per table)."""
+        self.messages += later.messages
+        for name, parts in later.rows.items():
+            self.rows.setdefault(name, []).extend(parts)
+        self.markers.extend(later.markers)
+        self.positions.update(later.positions)
+        self.published.extend(later.published)
 
 
 def consume_batch(consumer: Any, max_messages: int, timeout: float) -> list[Any]:
@@ -170,6 +203,7 @@ class Ingestor:
         self.store_refresh_s = store_refresh_s
         self.counters = IngestCounters()
         self.fills: queue.SimpleQueue[Fill] = queue.SimpleQueue()
+        self._batches: queue.Queue[ConsumedBatch] = queue.Queue(maxsize=QUEUED_BATCHES)
         self.dense: tuple[int, dict[str, np.ndarray]] | None = None
         self.dense_callbacks: list[DenseCallback] = []
         # entered on the ingest thread: the worker's GPU as its current device (cuda:N)
@@ -202,39 +236,79 @@ class Ingestor:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        """The apply thread (this one) and the fetch thread it starts: while this thread applies
+        a batch, the fetch thread consumes and decodes the next (handed over through a queue of
+        ``QUEUED_BATCHES``; batches that queued up while an apply ran are applied as one)."""
+        fetcher = threading.Thread(target=self._fetch_loop, name="streamhps-fetch", daemon=True)
         try:
             with self.context():
                 self.refresh_store()
+                fetcher.start()
                 while not self._stop.is_set():
-                    self.step()
+                    self._apply_round()
         except BaseException as e:  # noqa: BLE001 - reported through ready()/not_ready_reason()
             self.error = e
             log.exception("worker ingest thread failed; the worker is not ready from now on")
+        finally:
+            self._stop.set()
+            if fetcher.is_alive():
+                fetcher.join(10.0)
 
-    def step(self) -> int:
-        """One consume-and-apply round; returns messages consumed."""
+    def _fetch_loop(self) -> None:
+        try:
+            with self.context():
+                while not self._stop.is_set():
+                    batch = self._fetch()
+                    while batch is not None and not self._stop.is_set():
+                        try:
+                            self._batches.put(batch, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    now = time.monotonic()
+                    if now - self._last_watermarks >= self.store_refresh_s:
+                        self._read_watermarks(now)
+        except BaseException as e:  # noqa: BLE001 - reported through ready()/not_ready_reason()
+            self.error = e
+            self._stop.set()
+            log.exception("worker fetch thread failed; the worker is not ready from now on")
+
+    def _apply_round(self) -> None:
         prof = self.profile.seconds
         t0 = time.perf_counter()
         try:
-            msgs = consume_batch(self.consumer, self.batch_messages, self.poll_timeout_s)
-        except KafkaException as e:
-            self._kafka_error(e.args[0] if e.args else e)
-            msgs = []
-        t1 = time.perf_counter()
-        prof["poll" if msgs else "poll_idle"] += t1 - t0
-        if msgs:
-            self._apply(msgs, time.time())
+            batch: ConsumedBatch | None = self._batches.get(timeout=self.poll_timeout_s)
+        except queue.Empty:
+            batch = None
+        prof["apply_idle"] += time.perf_counter() - t0
+        if batch is not None:
+            for _ in range(self._batches.qsize()):  # behind: catch up in one larger apply
+                with contextlib.suppress(queue.Empty):
+                    batch.extend(self._batches.get_nowait())
+            self._apply_batch(batch)
+        self._after_apply()
+
+    def step(self) -> int:
+        """One consume-and-apply round on the calling thread; returns messages consumed."""
+        batch = self._fetch()
+        if batch is not None:
+            self._apply_batch(batch)
+        now = time.monotonic()
+        if now - self._last_watermarks >= self.store_refresh_s:
+            self._read_watermarks(now)
+        self._after_apply()
+        return batch.messages if batch is not None else 0
+
+    def _after_apply(self) -> None:
+        """Read-through fills, then (every ``store_refresh_s``) the store's progress."""
+        prof = self.profile.seconds
         t1 = time.perf_counter()
         self._apply_fills()
         t2 = time.perf_counter()
         prof["fills"] += t2 - t1
-        now = time.monotonic()
-        if now - self._last_watermarks >= self.store_refresh_s:
-            self._read_watermarks(now)
-        if now - self._last_store_refresh >= self.store_refresh_s:
+        if time.monotonic() - self._last_store_refresh >= self.store_refresh_s:
             self.refresh_store()
         prof["store_refresh"] += time.perf_counter() - t2
-        return len(msgs)
 
     def _read_watermarks(self, now: float) -> None:
         """Hand the consumer's cached high watermarks (from its last fetches) to the tracker.
@@ -273,16 +347,23 @@ class Ingestor:
 
     # ---------------------------------------------------------------- applying messages
 
-    def _apply(self, msgs: list[Any], consumed_at: float) -> None:
-        """Apply one consumed batch; ``consumed_at``: wall time the consumer returned it."""
-        c = self.counters
-        rows: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]] = {}
-        markers: list[tuple[str, int, int]] = []
-        positions: dict[tuple[str, int], int] = {}
-        published_us: list[int] = []
-        published_rows: list[int] = []
+    def _fetch(self) -> ConsumedBatch | None:
+        """One consume round, decoded and checked (fetch side; the only caller of the
+        consumer once the worker runs); None when nothing came."""
         prof = self.profile.seconds
         t0 = time.perf_counter()
+        try:
+            msgs = consume_batch(self.consumer, self.batch_messages, self.poll_timeout_s)
+        except KafkaException as e:
+            self._kafka_error(e.args[0] if e.args else e)
+            msgs = []
+        t1 = time.perf_counter()
+        prof["poll" if msgs else "poll_idle"] += t1 - t0
+        if not msgs:
+            return None
+        batch = ConsumedBatch(messages=len(msgs))
+        consumed_at = time.time()
+        c = self.counters
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -296,7 +377,7 @@ class Ingestor:
                     self._dense(m)
                 continue
             part, off = m.partition(), m.offset()
-            positions[(st.spec.name, part)] = off + 1
+            batch.positions[(st.spec.name, part)] = off + 1
             value = m.value()
             c.messages += 1
             st.messages += 1
@@ -306,40 +387,42 @@ class Ingestor:
                 self._reject(m, dec)
                 continue
             if dec.is_marker:
-                markers.append((st.spec.name, part, dec.version))
+                batch.markers.append((st.spec.name, part, dec.version))
             elif dec.row_count:
-                published_us.append(dec.publish_ts_us)
-                published_rows.append(dec.row_count)
-                rows.setdefault(st.spec.name, []).append(
+                batch.published.append((dec.publish_ts_us, dec.row_count, consumed_at))
+                batch.rows.setdefault(st.spec.name, []).append(
                     (dec.keys, dec.versions(), dec.vectors, part, off)
                 )
-        prof["decode_validate"] += time.perf_counter() - t0
-        for name, parts in rows.items():
+        # The watermark of the fetch that delivered these messages, read before their positions
+        # can move: the head probe never sees a position beyond the fetched watermark (which it
+        # would report as broker history lost).
+        for name, part in batch.positions:
+            self._read_watermark(self.tables[name], part)
+        prof["decode_validate"] += time.perf_counter() - t1
+        return batch
+
+    def _apply_batch(self, batch: ConsumedBatch) -> None:
+        """Rows to window and cache, then markers and positions (apply side)."""
+        for name, parts in batch.rows.items():
             self._apply_rows(self.tables[name], parts)
         t0 = time.perf_counter()
-        for name, part, version in markers:
+        c = self.counters
+        for name, part, version in batch.markers:
             self.tracker.marker(name, part, version)
             c.markers += 1
-        for (name, part), nxt in positions.items():
-            # the watermark of the fetch that delivered these messages, before the position
-            # moves: the probe never sees a position beyond the fetched watermark (which it
-            # would report as broker history lost)
-            self._read_watermark(self.tables[name], part)
+        for (name, part), nxt in batch.positions.items():
             self.tracker.consumed(name, part, nxt)
         c.batches += 1
-        if published_us:
+        if batch.published:
             # Stamped after the cache write returned: from here on a lookup sees these rows.
-            published = np.asarray(published_us, dtype=np.float64) / 1e6
+            pub = np.asarray(batch.published, dtype=np.float64)
+            published = pub[:, 0] / 1e6
             self._record_latency(
-                time.time() - published,
-                np.asarray(published_rows, dtype=np.int64),
-                consumed_at - published,
+                time.time() - published, pub[:, 1].astype(np.int64), pub[:, 2] - published
             )
-        prof["markers"] += time.perf_counter() - t0
+        self.profile.seconds["markers"] += time.perf_counter() - t0
 
-    def _apply_rows(
-        self, st: TableState, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, int, int]]
-    ) -> None:
+    def _apply_rows(self, st: TableState, parts: Parts) -> None:
         """One window insert and one cache write for the rows of all ``parts`` (messages) of a
         table. Vectors are not copied on the host: the window keeps the decoded messages'
         arrays, and a cache that resolves repeated keys itself (cuda) takes them as they are."""
