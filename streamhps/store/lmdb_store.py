@@ -592,14 +592,19 @@ class LmdbStore(StoreWriter):
                 rdt = row_dtype(spec)
                 n_keep = int(keep.sum())
                 rows = np.empty(n_keep, dtype=rdt)
-                rows["version"] = versions[keep]
-                rows["vector"] = vectors[keep]
-                enc_keep = enc if n_keep == len(enc) else encode_keys(keys[keep])
+                if n_keep == keys.shape[0]:  # the usual case: no gathered copies of it all
+                    enc_keep, kept_v, kept_parts = enc, versions, parts
+                    rows["vector"] = vectors
+                else:
+                    enc_keep = encode_keys(keys[keep])
+                    kept_v, kept_parts = versions[keep], parts[keep]
+                    rows["vector"] = vectors[keep]
+                rows["version"] = kept_v
                 if n_keep:
                     txn.cursor(db).putmulti(
                         zip(enc_keep, rows.view(f"V{rdt.itemsize}").tolist(), strict=True)
                     )
-                    np.maximum.at(top, parts[keep], versions[keep])
+                    np.maximum.at(top, kept_parts, kept_v)
                 txn.put(_max_versions_key(table), top.tobytes(), db=self._db(META, txn, True))
                 res.rows_written = n_keep
                 res.rows_stale = keys.shape[0] - n_keep
