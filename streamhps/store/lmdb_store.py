@@ -234,7 +234,10 @@ class LmdbStore(StoreWriter):
             raise StoreError(f"store {self.path} is closed")
         for _ in range(3):
             try:
-                return self._env.begin(write=write, buffers=not write)  # type: ignore[call-overload]
+                # Values come back as bytes, not buffers=True memoryviews: py-lmdb makes one
+                # GC-tracked memoryview per value, 3-4x slower than the copy on 65k-key reads
+                # (bench/store_reads.py), and every caller copies the rows out anyway.
+                return self._env.begin(write=write)
             except lmdb.MapResizedError:
                 self._env.set_mapsize(0)  # the writer grew the map: adopt its size
         raise StoreError(f"cannot begin a transaction on {self.path}: map keeps resizing")
