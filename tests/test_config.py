@@ -62,6 +62,12 @@ def test_env_config_and_bootstrap_override(tmp_path: Path, monkeypatch: pytest.M
         ),
         (EXAMPLE.replace("max_staleness_s = 1.0", "max_staleness_s = -1"), "max_staleness_s"),
         (EXAMPLE.replace("max_staleness_s", "max_stale"), "[serving]: unknown key(s)"),
+        (
+            EXAMPLE.replace(
+                "max_staleness_s = 1.0", "max_staleness_s = 1.0\nswitch_interval_ms = -1"
+            ),
+            "serving.switch_interval_ms must be >= 0",
+        ),
         (EXAMPLE.replace('name = "item"', 'name = "user"'), "unique"),
         (EXAMPLE.replace('missing = "zeros"', 'missing = "random"'), "missing must be"),
         ('topic_prefix = "x"\n', "at least one [[tables]]"),

@@ -44,6 +44,7 @@ import contextlib
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -233,6 +234,16 @@ class InferenceWorker:
 
     # ---------------------------------------------------------------- lifecycle
 
+    def _lower_switch_interval(self) -> None:
+        """``serving.switch_interval_ms``: the process's GIL hand-over interval, lowered only."""
+        ms = float(self.config.serving.switch_interval_ms)
+        if ms > 0 and sys.getswitchinterval() > ms / 1e3:
+            log.info(
+                "Python thread switch interval %.3g ms -> %.3g ms for this process "
+                "(serving.switch_interval_ms; 0 leaves it)", sys.getswitchinterval() * 1e3, ms,
+            )  # fmt: skip
+            sys.setswitchinterval(ms / 1e3)
+
     def start(self) -> InferenceWorker:
         """Open the store, warm the caches, assign every partition and start ingesting."""
         if self._started:
@@ -243,6 +254,7 @@ class InferenceWorker:
             import cupy
 
             self._xp = cupy
+        self._lower_switch_interval()
         if self.store_wait_s > 0 and wait_for_stores(self._store_arg, self.store_wait_s):
             self.store_paths = [os.fspath(p) for p in store_dirs(self._store_arg)]
             self.store_path = ", ".join(self.store_paths)
