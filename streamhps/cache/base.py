@@ -189,14 +189,31 @@ class EmbeddingCache(abc.ABC):
         return before the rows are written (cuda: staged, overlapping the next batch's copy
         with this one's kernels); every operation issued on this cache after the return sees
         them. Here: in pieces of ``write_piece_rows``, so the lock is free for lookups between
-        pieces."""
-        if isinstance(values, (list, tuple)):
-            values = np.concatenate(values) if len(values) != 1 else values[0]
+        pieces; a piece's rows are a view of one array of the list where they lie in one (the
+        batch is never stacked whole: tens of MB of fresh pages per apply)."""
         n = int(np.shape(keys)[0])
+        parts = self._row_parts(values, n) if isinstance(values, (list, tuple)) else None
         step = self.write_piece_rows
         write = self.upsert if insert else self.update_if_present
         for lo in range(0, n, step) if n > step else [0]:
-            write(keys[lo : lo + step], values[lo : lo + step], versions[lo : lo + step])
+            hi = lo + step
+            rows = values[lo:hi] if parts is None else _rows_between(parts, lo, min(hi, n))
+            write(keys[lo:hi], rows, versions[lo:hi])
+
+    def _row_parts(self, values: list[Any] | tuple[Any, ...], n: int) -> list[Any]:
+        parts = [self._as_array(v) for v in values]
+        for v in parts:
+            if v.ndim != 2 or v.shape[1] != self.dim:
+                raise CacheError(
+                    f"values must be [rows, {self.dim}] arrays for a dim-{self.dim} cache, got "
+                    f"{tuple(v.shape)}"
+                )
+        if sum(int(v.shape[0]) for v in parts) != n:
+            raise CacheError(
+                f"values hold {sum(int(v.shape[0]) for v in parts)} rows for {n} keys; give one "
+                "row per key"
+            )
+        return parts or [np.zeros((0, self.dim), dtype=self.dtype)]
 
     #: rows per lock hold in :meth:`upsert_async` (a lookup waits at most for one piece)
     write_piece_rows = 8192
@@ -342,3 +359,16 @@ class EmbeddingCache(abc.ABC):
 
     @abc.abstractmethod
     def _clear(self) -> None: ...
+
+
+def _rows_between(parts: list[Any], lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of the arrays ``parts`` stacked in order: a view where they lie in one."""
+    pieces, at = [], 0
+    for a in parts:
+        m = int(a.shape[0])
+        if at < hi and at + m > lo:
+            pieces.append(a[max(lo - at, 0) : min(hi - at, m)])
+        at += m
+    if len(pieces) == 1:
+        return pieces[0]
+    return parts[0][:0] if not pieces else np.concatenate(pieces)

@@ -119,8 +119,15 @@ class NumpyCache(EmbeddingCache):
         if n == 0:
             return c
         stamp = self._stamp_of(clock)
-        if n < 2 or bool((keys[1:] > keys[:-1]).all()):
-            # already one row per key (the worker's stream applies arrive sorted and unique)
+        by_key = None  # the rows in key order, where unique but not sorted
+        if n >= 2 and not bool((keys[1:] > keys[:-1]).all()):
+            by_key = np.argsort(keys)  # fast (SIMD); a lexsort only where keys repeat
+            ks = keys[by_key]
+            if bool((ks[1:] == ks[:-1]).any()):
+                by_key = None
+        if n < 2 or by_key is not None or bool((keys[1:] > keys[:-1]).all()):
+            # already one row per key (the worker's stream: sorted, or a piece of a batch without
+            # repeats in arrival order, whose rows are then written straight from the messages)
             sel = None
             uk, uv = keys, versions
         else:
@@ -145,7 +152,7 @@ class NumpyCache(EmbeddingCache):
         if not insert:
             c["absent"] = int(mr.shape[0] if sel is None else group_size[mr].sum())
         elif mr.shape[0]:
-            i_rows, i_slots = self._insert_slots(uk, b, d, mr, stamp, c)
+            i_rows, i_slots = self._insert_slots(uk, b, d, mr, by_key, stamp, c)
             if self.policy == "lru":
                 self._score[i_slots] = np.uint64(clock)
             else:
@@ -174,24 +181,33 @@ class NumpyCache(EmbeddingCache):
         b: np.ndarray,
         d: np.ndarray,
         mr: np.ndarray,
+        by_key: np.ndarray | None,
         stamp: np.uint32,
         c: dict[str, int],
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Place the absent keys ``uk[mr]`` (sorted by key): empty slots of their bucket first,
-        in slot order, then the lowest ``(score, key)`` not written by this call; writes their
-        keys and digests, counts into ``c``. Returns (rows of ``uk`` placed, their slots)."""
-        n_miss = mr.shape[0]
-        # Group by bucket, keys in key order inside a bucket: one sort of bucket << bits | pos.
-        bits = max(1, int(n_miss - 1).bit_length())
+        """Place the absent keys ``uk[mr]`` (``uk`` sorted by key, or in the order ``by_key``):
+        empty slots of their bucket first, in slot order, then the lowest ``(score, key)`` not
+        written by this call; inside a bucket, keys in key order (the last ones are dropped when
+        slots run out). Writes their keys and digests, counts into ``c``. Returns (rows of
+        ``uk`` placed, their slots)."""
+        n_miss, n = mr.shape[0], uk.shape[0]
+        if by_key is None:
+            kr = mr  # a row's key rank
+        else:
+            rank_of = np.empty(n, dtype=np.int64)
+            rank_of[by_key] = np.arange(n)
+            kr = rank_of[mr]
+        # Group by bucket, in key order inside a bucket: one sort of bucket << bits | key rank.
+        bits = max(1, int(n - 1).bit_length())
         if int(self.n_buckets - 1).bit_length() + bits <= 63:
-            packed = (np.take(b, mr) << bits) | np.arange(n_miss)
+            packed = (np.take(b, mr) << bits) | kr
             packed.sort()
-            o = packed & ((1 << bits) - 1)
+            low = packed & ((1 << bits) - 1)
             bs = packed >> bits
         else:  # cannot happen below 2^40 buckets x 2^22 rows per call
-            o = np.argsort(np.take(b, mr), kind="stable")
-            bs = np.take(b, mr)[o]
-        rows = np.take(mr, o)
+            o = np.lexsort((kr, np.take(b, mr)))
+            low, bs = kr[o], np.take(b, mr)[o]
+        rows = low if by_key is None else by_key[low]
         head = np.empty(n_miss, dtype=bool)
         head[0] = True
         np.not_equal(bs[1:], bs[:-1], out=head[1:])

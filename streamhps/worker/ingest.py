@@ -449,7 +449,9 @@ class Ingestor:
         n = int(keys.shape[0])
         sel = latest_rows(keys, versions)
         uk, uv = keys[sel], versions[sel]
-        if st.cache.resolves_duplicates:
+        if st.cache.resolves_duplicates or sel.shape[0] == n:
+            # no repeated key (or a cache that resolves them): the messages' rows as they are,
+            # in arrival order; the numpy cache writes each piece straight from them
             rows: tuple[Any, Any, Any] = (keys, sources, versions)
         else:
             stacked = sources[0] if len(sources) == 1 else np.concatenate(sources)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from cache_helpers import host, rows_for
 
-from streamhps.cache import SLOTS_PER_BUCKET
+from streamhps.cache import SLOTS_PER_BUCKET, make_cache
 
 B = SLOTS_PER_BUCKET
 
@@ -74,6 +74,27 @@ def test_rows_written_in_a_call_are_not_evicted_by_it_and_overflow_is_dropped(ne
     vers = np.full(len(newer), 2)
     assert cache.upsert(newer, rows_for(newer, vers, 4), vers) == B
     assert resident(cache, newer).all()
+
+
+@pytest.mark.parametrize("order", ["sorted", "shuffled", "shuffled with repeats"])
+def test_numpy_overflow_keeps_the_lowest_keys_in_any_input_order(order):
+    """Which rows of an overflowing call a bucket keeps is fixed on numpy (the lowest keys),
+    whatever order the rows come in: sorted, unique in arrival order (the worker's pieces of a
+    batch without repeats), or with repeats. (The cuda backend does not fix it.)"""
+    cache = make_cache("numpy", capacity=B, dim=4)
+    keys = np.arange(-20, B + 20, dtype=np.int64) * 7919
+    if order != "sorted":
+        keys = np.random.default_rng(3).permutation(keys)
+    if order == "shuffled with repeats":
+        keys = np.concatenate([keys, keys[:5]])
+    assert fill(cache, keys) == B
+    assert cache.stats()["dropped"] == 40
+    kept = np.sort(np.unique(keys))[:B]
+    assert resident(cache, kept).all() and len(cache) == B
+    # into a full bucket: evictions by (score, key), still the lowest new keys kept
+    fresh = np.random.default_rng(4).permutation(np.arange(1, B + 9, dtype=np.int64) * 100_003)
+    assert fill(cache, fresh, version=2) == B
+    assert resident(cache, np.sort(fresh)[:B]).all() and not resident(cache, kept).any()
 
 
 def test_stale_update_leaves_key_evictable(new_cache):
