@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -196,6 +197,10 @@ class EmbeddingCache(abc.ABC):
         step = self.write_piece_rows
         write = self.upsert if insert else self.update_if_present
         for lo in range(0, n, step) if n > step else [0]:
+            if lo:
+                # Python locks are not fair: released and taken again at once, the lock stayed
+                # with this writer for every piece while a lookup waited. Yield in between.
+                time.sleep(0)
             hi = lo + step
             rows = values[lo:hi] if parts is None else _rows_between(parts, lo, min(hi, n))
             write(keys[lo:hi], rows, versions[lo:hi])
@@ -216,7 +221,7 @@ class EmbeddingCache(abc.ABC):
         return parts or [np.zeros((0, self.dim), dtype=self.dtype)]
 
     #: rows per lock hold in :meth:`upsert_async` (a lookup waits at most for one piece)
-    write_piece_rows = 8192
+    write_piece_rows = 4096
     #: True when writing rows with repeated keys, unsorted, costs no more than writing one row
     #: per key (cuda: the kernels resolve repeats on the device), so a writer need not reduce a
     #: batch to one row per key on the host first
