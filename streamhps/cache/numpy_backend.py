@@ -6,9 +6,10 @@ compares the key's one-byte digest against its bucket's 32 digests (one 32-byte 
 matching slot, falling back to the bucket's 32 keys for the few keys whose first match was
 another key's digest. Gathers of whole bucket rows use ``np.take`` (several times faster than
 fancy indexing of a 2-D array). Upsert groups absent keys by bucket with one sort of packed
-``(bucket, position)`` integers and reads stamps, scores and keys of a bucket only where its
-inserts do not fit into its empty slots. Thread safety: the base class's lock around every
-operation.
+``(bucket, key rank)`` integers and reads stamps, scores and keys of a bucket only where its
+inserts do not fit into its empty slots; rows are scattered into the value table straight from
+the caller's array when every row is written. Thread safety: the base class's lock around
+every operation.
 """
 
 from __future__ import annotations
@@ -119,13 +120,14 @@ class NumpyCache(EmbeddingCache):
         if n == 0:
             return c
         stamp = self._stamp_of(clock)
+        sorted_unique = n < 2 or bool((keys[1:] > keys[:-1]).all())
         by_key = None  # the rows in key order, where unique but not sorted
-        if n >= 2 and not bool((keys[1:] > keys[:-1]).all()):
-            by_key = np.argsort(keys)  # fast (SIMD); a lexsort only where keys repeat
+        if not sorted_unique:
+            by_key = np.argsort(keys)  # fast (SIMD); the lexsort below only where keys repeat
             ks = keys[by_key]
             if bool((ks[1:] == ks[:-1]).any()):
                 by_key = None
-        if n < 2 or by_key is not None or bool((keys[1:] > keys[:-1]).all()):
+        if sorted_unique or by_key is not None:
             # already one row per key (the worker's stream: sorted, or a piece of a batch without
             # repeats in arrival order, whose rows are then written straight from the messages)
             sel = None
@@ -265,10 +267,10 @@ class NumpyCache(EmbeddingCache):
         local: np.ndarray,
     ) -> None:
         """``local[at[i]]`` = the ``nth[i]``-th eligible slot by (score, key) of bucket
-        ``hb[rows[i]]``: one masked minimum over the bucket's 32 slots per round, round ``j``
-        serving every bucket's ``j``-th eviction (a few rounds). A per-bucket 3-key lexsort
-        made inserts into a full cache 1.15 us/row; this, 0.44."""
-        keys = np.take(self._ktab, hb, axis=0)
+        ``hb[rows[i]]``: one masked minimum over the bucket's 32 scores per round, round ``j``
+        serving every bucket's ``j``-th eviction (a few rounds); keys are read only for buckets
+        where several eligible slots share the lowest score. A per-bucket 3-key lexsort made
+        inserts into a full cache 1.15 us/row."""
         score = np.take(self._score.reshape(-1, _B), hb, axis=0)
         left = eligible.copy()
         top_score, top_key = np.iinfo(np.uint64).max, np.iinfo(np.int64).max
@@ -277,13 +279,18 @@ class NumpyCache(EmbeddingCache):
             r = rows[this]  # distinct: a bucket's j-th eviction is one insert
             whole = 2 * r.shape[0] >= hb.shape[0]  # most buckets (round 0): cheaper than a gather
             if whole:
-                cand, sc, k = left.copy(), score, keys
+                at_rows, cand, sc = np.arange(hb.shape[0]), left.copy(), score
             else:
-                cand, sc, k = (np.take(a, r, axis=0) for a in (left, score, keys))
+                at_rows, cand, sc = r, np.take(left, r, axis=0), np.take(score, r, axis=0)
             lowest = np.minimum.reduce(sc, axis=1, where=cand, initial=top_score)
             cand &= sc == lowest[:, None]
-            first_key = np.minimum.reduce(k, axis=1, where=cand, initial=top_key)
-            pick = (cand & (k == first_key[:, None])).argmax(axis=1)
+            pick = cand.argmax(axis=1)
+            tied = np.flatnonzero(pick != (_B - 1) - cand[:, ::-1].argmax(axis=1))
+            if tied.shape[0]:  # the lowest key among the slots of the lowest score
+                k = np.take(self._ktab, hb[at_rows[tied]], axis=0)
+                ct = cand[tied]
+                first_key = np.minimum.reduce(k, axis=1, where=ct, initial=top_key)
+                pick[tied] = (ct & (k == first_key[:, None])).argmax(axis=1)
             if whole:
                 pick = pick[r]
             local[at[this]] = pick

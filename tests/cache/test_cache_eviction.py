@@ -37,6 +37,18 @@ def test_lru_evicts_least_recently_used_then_lowest_key(new_cache):
     np.testing.assert_array_equal(host(out), rows_for(np.array([100, 201]), np.array([1, 1]), 4))
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_equal_scores_evict_the_lowest_key_not_the_first_slot(new_cache, policy):
+    cache = new_cache(capacity=B, dim=4, policy=policy)
+    keys = np.arange(B, 0, -1) * 10  # one call each, descending: slot order is not key order
+    for k in keys:
+        fill(cache, [k])
+    cache.lookup(keys)  # one call: every score equal (lru: its clock; lfu: count 2, its clock)
+    assert fill(cache, [7]) == 1
+    assert resident(cache, [10, 7]).tolist() == [False, True]
+    assert resident(cache, keys[:-1]).all()
+
+
 def test_updates_do_not_refresh_the_score(new_cache):
     cache = new_cache(capacity=B, dim=4, policy="lru")
     fill(cache, range(B))
