@@ -241,8 +241,10 @@ class NumpyCache(EmbeddingCache):
             in_empty = hr < n_free[hg]
             e = hi[in_empty]
             if e.shape[0]:
-                nth = np.cumsum(fr[hg[in_empty]], axis=1)  # empties up to each slot
-                local[e] = (nth <= hr[in_empty, None]).sum(axis=1)
+                # the empty slots of every such bucket in slot order, bucket after bucket
+                empties = np.flatnonzero(fr) & (_B - 1)
+                first_empty = np.cumsum(n_free) - n_free
+                local[e] = empties[first_empty[hg[in_empty]] + hr[in_empty]]
             ev = np.flatnonzero(ok[hi] & ~in_empty)
             if ev.shape[0]:
                 self._evict_choice(hb, hg[ev], hr[ev] - n_free[hg[ev]], eligible, hi[ev], local)
