@@ -20,7 +20,7 @@ topic from its latest message.
 
 A lookup reads the cache; keys it misses go to the window of rows this worker consumed that
 LMDB may not hold yet, then to LMDB (one batched read); the higher version wins. Rows found
-are inserted into the cache by the ingest thread (checked against the window once more, so a
+are inserted into the cache by the apply thread (checked against the window once more, so a
 fill never brings back a row older than one already consumed). Keys no tier holds get the
 table's ``missing`` policy. Lookups never write LMDB (invariant 8).
 
@@ -109,7 +109,8 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
 
 
 class InferenceWorker:
-    """One worker per GPU (or CPU process). Thread-safe lookups; one ingest thread.
+    """One worker per GPU (or CPU process). Thread-safe lookups; ingest on two threads (fetch:
+    consume and decode; apply: window and cache writes, :mod:`streamhps.worker.ingest`).
 
     ``config``: the deployment :class:`~streamhps.config.Config`; ``store``: the LMDB directory
     the processor writes (or several, one per processor shard, or a directory of them: see
@@ -117,9 +118,10 @@ class InferenceWorker:
     ``"cuda:N"`` (CuPy cache on GPU ``N``).
     ``probe_interval_s``: how often the broker is asked for the head of every partition
     (staleness resolution; default a tenth of ``max_staleness_s``, at most 0.1 s).
-    ``poll_timeout_s``: how long the ingest thread waits in one consume call while nothing
-    arrives (a message ends the wait at once); read-through fills and the store's offsets are
-    taken between calls, so it bounds how late they are on an idle stream.
+    ``poll_timeout_s``: how long the fetch thread waits in one consume call while nothing
+    arrives (a message ends the wait at once), and the apply thread for a consumed batch;
+    read-through fills and the store's offsets are taken between batches, so it bounds how late
+    they are on an idle stream.
     ``placement`` (a :class:`~streamhps.placement.Placement` or its file) and ``shard``: serve
     only that shard's partitions, with caches of the placement's ``cache_rows``; or
     ``partitions``: an explicit ``table -> partitions`` mapping. ``follow_dense=False``: do not
@@ -766,7 +768,7 @@ class InferenceWorker:
         return self._ingest.dense if self._ingest is not None else None
 
     def on_dense(self, callback: DenseCallback) -> None:
-        """Call ``callback(version, tensors)`` (on the ingest thread) for every newer dense model;
+        """Call ``callback(version, tensors)`` (on the fetch thread) for every newer dense model;
         called at once with the current one if there is one."""
         self._dense_callbacks.append(callback)
         current = self.dense_model()
