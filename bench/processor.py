@@ -95,10 +95,10 @@ def run_pipeline(
     for lo in range(0, len(messages), MESSAGES_PER_BATCH):
         batch = WriteBatch()
         for i, raw in enumerate(messages[lo : lo + MESSAGES_PER_BATCH], start=lo):
-            m = check_table_message(raw, spec, 0, (spec.name,))
-            if isinstance(m, Rejected):
-                raise AssertionError(f"bench messages must be valid: {m}")
-            batch.table_rows(spec.name).add(m.keys, m.vectors, m.versions())
+            checked = check_table_message(raw, spec, 0, (spec.name,))
+            if isinstance(checked, Rejected):
+                raise AssertionError(f"bench messages must be valid: {checked}")
+            batch.table_rows(spec.name).add(checked.keys, checked.vectors, checked.versions())
             batch.offsets[("bench." + spec.name, 0)] = i + 1
         res = st.write_batch(batch)[spec.name]
         rows_in += res.rows_in
@@ -252,11 +252,14 @@ def time_version_reads(path: str, spec: TableSpec, asked: list[np.ndarray]) -> d
             dt = 0.0
             parts = []
             for e in enc:
-                with env.begin(write=True, buffers=buffers) as txn:
+                read: lmdb.Transaction[Any] = (
+                    env.begin(write=True, buffers=True) if buffers else env.begin(write=True)
+                )
+                with read:
                     t0 = time.perf_counter()
-                    parts.append(fn(txn, e))
+                    parts.append(fn(read, e))
                     dt += time.perf_counter() - t0
-                    txn.abort()
+                    read.abort()
             best = min(best, dt)
         got[name] = np.concatenate(parts) if parts else np.zeros(0)
         out[name] = n / best

@@ -65,7 +65,8 @@ def measure(path: Path, keys: np.ndarray, repeat: int) -> tuple[float, float, fl
         db = env.open_db(b"rows:bench", create=False)
 
         def raw(buffers: bool) -> bytes:
-            with env.begin(buffers=buffers) as txn:
+            txn = env.begin(buffers=True) if buffers else env.begin()
+            with txn:
                 return b"".join(map(_second, txn.cursor(db).getmulti(enc)))
 
         copy = best_rate(lambda: raw(False), n, repeat)
