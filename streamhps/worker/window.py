@@ -13,8 +13,9 @@ in (``sources``: the decoded messages' vectors, read-only views of the Kafka byt
 the source and the row in it, so a batch reaches the window without a copy of its vectors.
 New chunks merge with their neighbour while it is at most twice their size (a log-structured
 merge: O(log n) chunks), dropping rows the store already holds; a merge moves 36 bytes of index
-per row, never the row, and lets go of arrays no live row points into any more (a vector is
-copied once, when a lookup reads it). No merge makes a chunk of more than ``merge_cap`` rows:
+per row, never the row, and lets go of arrays no live row points into any more; a chunk whose
+arrays hold more than ``MAX_HELD_PER_LIVE_ROW`` rows per live row (a hot key set rewritten
+message after message keeps one live row in each) gathers its live rows into one array. No merge makes a chunk of more than ``merge_cap`` rows:
 the merge runs on the ingest thread, and a merge whose cost grew with the whole window (a
 lagging processor leaves every row in it) would hold back every update behind it. Past the cap
 the window is a list of full chunks (lookups search each; their count is window rows / cap)
@@ -122,6 +123,11 @@ def latest_rows(keys: np.ndarray, versions: np.ndarray) -> np.ndarray:
 
 
 MERGE_CAP = 1 << 16  # rows; a merge moves at most this many rows' index entries
+#: a chunk whose arrays hold more than this many rows per live row (and more than
+#: MIN_GATHER_ROWS rows) gathers its live rows into one array: bounds the memory superseded
+#: rows keep alive to 4x what the live rows need
+MAX_HELD_PER_LIVE_ROW = 4
+MIN_GATHER_ROWS = 4096
 
 
 class RecentRows:
@@ -230,6 +236,15 @@ class RecentRows:
             remap = np.cumsum(used, dtype=np.int32) - 1
             src = remap[src]
             sources = tuple(a for a, u in zip(sources, used, strict=True) if u)
+        held = sum(a.shape[0] for a in sources)
+        if held > MIN_GATHER_ROWS and keys.shape[0] * MAX_HELD_PER_LIVE_ROW < held:
+            # Most rows of the arrays it keeps alive are superseded (a hot key set rewritten
+            # message after message): gather the live ones, let the messages go.
+            vectors = np.empty((keys.shape[0], self.dim), dtype=self.dtype)
+            gather(sources, src, row, vectors)
+            sources = (vectors,)
+            src = np.zeros(keys.shape[0], dtype=np.int32)
+            row = np.arange(keys.shape[0], dtype=np.int64)
         max_off = np.full(self.partitions, -1, dtype=np.int64)
         np.maximum.at(max_off, parts, offs)
         return Chunk(keys, versions, parts, offs, src, row, sources, max_off)

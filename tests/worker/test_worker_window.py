@@ -189,3 +189,30 @@ def test_arrays_whose_rows_are_all_superseded_are_let_go() -> None:
     assert w.nbytes == new.nbytes + 100 * 36
     vec, ver, _ = w.get(keys)
     assert (ver == 2).all() and (vec == 1).all()
+
+
+def test_superseded_rows_do_not_keep_their_messages_alive() -> None:
+    """A hot key set rewritten message after message: each message keeps one live row once the
+    next one supersedes the rest. The window gathers the live rows instead of holding every
+    message whole: memory stays within MAX_HELD_PER_LIVE_ROW times the live rows' (+ the last
+    chunks not merged yet)."""
+    dim, per_msg = 8, 512
+    w = RecentRows(dim=dim, dtype=np.float32, partitions=1)
+    hot = np.arange(per_msg, dtype=np.int64)
+    for off in range(64):
+        keys = hot.copy()
+        keys[0] = 10_000 + off  # one key only this message has: stays live
+        vec = np.full((per_msg, dim), off, dtype=np.float32)
+        vec.setflags(write=False)
+        w.add(keys, np.full(per_msg, off + 1, np.int64), [vec], np.zeros(per_msg, np.int32),
+              np.full(per_msg, off, np.int64), src=np.zeros(per_msg, np.int32),
+              row=np.arange(per_msg, dtype=np.int64))  # fmt: skip
+    held = {id(a): a.nbytes for c in w._chunks for a in c.sources}
+    every_message = 64 * per_msg * dim * 4  # what holding each message whole would take
+    assert sum(held.values()) < every_message / 4
+    assert w.nbytes < every_message / 4
+    vec, ver, found = w.get(np.r_[hot[1:], 10_000 + np.arange(64)])
+    assert found.all()
+    assert (ver[: per_msg - 1] == 64).all() and (vec[: per_msg - 1] == 63).all()
+    assert ver[per_msg - 1 :].tolist() == list(range(1, 65))
+    assert vec[per_msg - 1 :, 0].tolist() == list(range(64))
