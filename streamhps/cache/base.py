@@ -366,14 +366,20 @@ class EmbeddingCache(abc.ABC):
     def _clear(self) -> None: ...
 
 
-def _rows_between(parts: list[Any], lo: int, hi: int) -> Any:
-    """Rows ``lo:hi`` of the arrays ``parts`` stacked in order: a view where they lie in one."""
+def row_pieces(parts: list[Any], lo: int, hi: int) -> list[Any]:
+    """Rows ``lo:hi`` of the arrays ``parts`` stacked in order, as views of the arrays."""
     pieces, at = [], 0
     for a in parts:
         m = int(a.shape[0])
         if at < hi and at + m > lo:
             pieces.append(a[max(lo - at, 0) : min(hi - at, m)])
         at += m
+    return pieces
+
+
+def _rows_between(parts: list[Any], lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of ``parts`` stacked in order: a view where they lie in one array."""
+    pieces = row_pieces(parts, lo, hi)
     if len(pieces) == 1:
         return pieces[0]
     return parts[0][:0] if not pieces else np.concatenate(pieces)

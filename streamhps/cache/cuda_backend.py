@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from streamhps.cache.base import EmbeddingCache
+from streamhps.cache.base import EmbeddingCache, row_pieces
 from streamhps.errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -474,7 +474,7 @@ class CudaCache(EmbeddingCache):
             raise CacheError("versions must be > 0; this call was refused and changed nothing")
         for lo in range(0, n, STAGE_ROWS):
             hi = min(n, lo + STAGE_ROWS)
-            self._stage_write(k[lo:hi], _rows_between(parts, lo, hi), ver[lo:hi], insert)
+            self._stage_write(k[lo:hi], row_pieces(parts, lo, hi), ver[lo:hi], insert)
 
     def _check_keys_host(self, k: np.ndarray) -> np.ndarray:
         if k.ndim != 1 or k.dtype.kind not in "iu":
@@ -589,14 +589,3 @@ class CudaCache(EmbeddingCache):
                  "dropped": int(c[4]), "absent": 0 if insert else int(c[5])},
                 rows,
             )  # fmt: skip
-
-
-def _rows_between(parts: list[np.ndarray], lo: int, hi: int) -> list[np.ndarray]:
-    """Rows ``lo:hi`` of the arrays ``parts`` stacked in order, as views of them."""
-    out, at = [], 0
-    for a in parts:
-        n = a.shape[0]
-        if at < hi and at + n > lo:
-            out.append(a[max(lo - at, 0) : min(hi - at, n)])
-        at += n
-    return out
