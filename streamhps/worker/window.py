@@ -74,21 +74,9 @@ def gather(
         out[j] = sources[int(ss[lo])][row[j]]
 
 
-def latest_per_key(
-    keys: np.ndarray, versions: np.ndarray, *columns: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Keep one row per key, the highest version (the later one on ties); sorted by key.
-
-    Returns ``(keys, versions, [column[selected] for column in columns])``.
-    """
-    if keys.shape[0] == 0:
-        return keys, versions, list(columns)
-    sel = latest_rows(keys, versions)
-    return keys[sel], versions[sel], [c[sel] for c in columns]
-
-
 def latest_rows(keys: np.ndarray, versions: np.ndarray) -> np.ndarray:
-    """The rows :func:`latest_per_key` keeps, in key order (indices into ``keys``)."""
+    """One row per key, the highest version (the later one on ties), as indices into ``keys``
+    in key order."""
     n = keys.shape[0]
     if n == 0:
         return np.zeros(0, dtype=np.int64)
@@ -158,7 +146,7 @@ class RecentRows:
         src: np.ndarray | None = None,
         row: np.ndarray | None = None,
     ) -> None:
-        """Add rows already reduced by :func:`latest_per_key` (sorted, one row per key).
+        """Add rows already reduced by :func:`latest_rows` (sorted, one row per key).
 
         ``vectors``: the rows' vectors aligned with ``keys``; or the arrays they are in, with
         ``src``/``row`` giving each key's array and row (no copy: the window keeps the arrays,

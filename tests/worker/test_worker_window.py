@@ -6,27 +6,25 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamhps.worker.window import MERGE_CAP, RecentRows, latest_per_key, latest_rows
+from streamhps.worker.window import MERGE_CAP, RecentRows, latest_rows
 
 
 def _add(w: RecentRows, keys, versions, part: int, offset: int) -> None:
     keys = np.asarray(keys, dtype=np.int64)
     versions = np.asarray(versions, dtype=np.int64)
     vec = np.repeat(versions[:, None].astype(np.float32), w.dim, axis=1)
-    k, v, (vec, p, o) = latest_per_key(
-        keys,
-        versions,
-        vec,
-        np.full(keys.shape[0], part, np.int32),
-        np.full(keys.shape[0], offset, np.int64),
+    sel = latest_rows(keys, versions)
+    n = sel.shape[0]
+    w.add(
+        keys[sel], versions[sel], vec[sel], np.full(n, part, np.int32), np.full(n, offset, np.int64)
     )
-    w.add(k, v, vec, p, o)
 
 
-def test_latest_per_key_keeps_highest_version_sorted() -> None:
+def test_latest_rows_keeps_highest_version_sorted() -> None:
     keys = np.array([5, 3, 5, 3, 9], dtype=np.int64)
     versions = np.array([2, 7, 4, 1, 1], dtype=np.int64)
-    k, v, (tag,) = latest_per_key(keys, versions, np.arange(5))
+    sel = latest_rows(keys, versions)
+    k, v, tag = keys[sel], versions[sel], sel
     assert k.tolist() == [3, 5, 9]
     assert v.tolist() == [7, 4, 1]
     assert tag.tolist() == [1, 2, 4]
@@ -124,14 +122,15 @@ def test_merges_stop_at_the_cap_and_full_chunks_leave_as_the_store_catches_up() 
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 12), st.integers(1, 4)), min_size=1, max_size=40))
-def test_latest_per_key_matches_a_dict_model(rows: list[tuple[int, int]]) -> None:
+def test_latest_rows_matches_a_dict_model(rows: list[tuple[int, int]]) -> None:
     keys = np.array([k for k, _ in rows], dtype=np.int64)
     versions = np.array([v for _, v in rows], dtype=np.int64)
     model: dict[int, tuple[int, int]] = {}  # key -> (version, row index); ties: the later row
     for i, (k, v) in enumerate(rows):
         if k not in model or v >= model[k][0]:
             model[k] = (v, i)
-    k, v, (idx,) = latest_per_key(keys, versions, np.arange(len(rows)))
+    idx = latest_rows(keys, versions)
+    k, v = keys[idx], versions[idx]
     assert k.tolist() == sorted(model)
     assert [(int(a), int(b)) for a, b in zip(v, idx, strict=True)] == [model[x] for x in k.tolist()]
 
