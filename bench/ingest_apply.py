@@ -1,0 +1,168 @@
+"""The worker's apply path, piece by piece, beside what the same work costs at the least.
+
+1. **Window insert** (``RecentRows.add``): rows of unique keys in applies of ``--sizes`` rows
+   (dim ``--dim`` fp32, never pruned, as in ``bench/staleness.py``'s curve where no processor
+   runs), ns per row and the slowest single insert, beside the ceiling: one copy of the
+   apply's rows (``np.concatenate`` of its message arrays), the least a window that copies the
+   rows pays once per merge level.
+2. **Hot keys**: a key set rewritten message after message, one key per message only that
+   message has: bytes the window keeps alive beside the bytes of its live rows.
+3. **Lookup beside the stream writer** (numpy cache): p50/p99 of a 1024-key ``lookup`` every
+   5 ms while another thread writes ``--write-rows``-row batches through ``upsert_async`` every
+   20 ms, beside the same lookups with no writer (the ceiling), and the writer's ns per row.
+
+    python bench/ingest_apply.py [--out bench/results/ingest_apply.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamhps.cache.numpy_backend import NumpyCache
+from streamhps.worker.window import RecentRows, latest_rows
+
+MESSAGES_PER_APPLY = 4
+
+
+def window_inserts(size: int, total: int, dim: int) -> dict[str, Any]:
+    rng = np.random.default_rng(size)
+    keys_all = rng.permutation(20 * total).astype(np.int64)
+    w = RecentRows(dim, np.dtype(np.float32), 1)
+    per = size // MESSAGES_PER_APPLY
+    add_s, copy_s, worst = 0.0, 0.0, 0.0
+    n = 0
+    for off in range(total // size):
+        keys = keys_all[off * size : off * size + per * MESSAGES_PER_APPLY]
+        arrays = [
+            rng.standard_normal((per, dim), dtype=np.float32) for _ in range(MESSAGES_PER_APPLY)
+        ]
+        src = np.repeat(np.arange(MESSAGES_PER_APPLY, dtype=np.int32), per)
+        row = np.tile(np.arange(per, dtype=np.int64), MESSAGES_PER_APPLY)
+        sel = latest_rows(keys, np.ones(keys.shape[0], np.int64))
+        m = sel.shape[0]
+        t0 = time.perf_counter()
+        np.concatenate(arrays)
+        t1 = time.perf_counter()
+        w.add(keys[sel], np.ones(m, np.int64), arrays, np.zeros(m, np.int32),
+              np.full(m, off, np.int64), src=src[sel], row=row[sel])  # fmt: skip
+        t2 = time.perf_counter()
+        copy_s += t1 - t0
+        add_s += t2 - t1
+        worst = max(worst, t2 - t1)
+        n += m
+    return {"apply_rows": size, "rows": n, "insert_ns_per_row": add_s / n * 1e9,
+            "copy_ns_per_row": copy_s / n * 1e9, "worst_insert_ms": worst * 1e3,
+            "chunks": w.chunks}  # fmt: skip
+
+
+def hot_keys(dim: int, per_msg: int = 512, messages: int = 64) -> dict[str, Any]:
+    w = RecentRows(dim, np.dtype(np.float32), 1)
+    hot = np.arange(per_msg, dtype=np.int64)
+    for off in range(messages):
+        keys = hot.copy()
+        keys[0] = 1_000_000 + off
+        vec = np.full((per_msg, dim), off, dtype=np.float32)
+        w.add(keys, np.full(per_msg, off + 1, np.int64), [vec], np.zeros(per_msg, np.int32),
+              np.full(per_msg, off, np.int64), src=np.zeros(per_msg, np.int32),
+              row=np.arange(per_msg, dtype=np.int64))  # fmt: skip
+    return {"messages": messages, "rows_per_message": per_msg, "live_rows": w.rows,
+            "live_bytes": w.rows * dim * 4, "held_bytes": w.nbytes,
+            "all_messages_bytes": messages * per_msg * dim * 4}  # fmt: skip
+
+
+def lookups_beside_writer(dim: int, write_rows: int, seconds: float) -> dict[str, Any]:
+    cache = NumpyCache(1 << 21, dim)
+    seed = np.arange(1 << 16, dtype=np.int64)
+    cache.upsert(seed, np.ones((seed.shape[0], dim), np.float32), np.ones(seed.shape[0], np.int64))
+    rng = np.random.default_rng(0)
+    vals = rng.standard_normal((write_rows, dim), dtype=np.float32)
+    out: dict[str, Any] = {"write_rows": write_rows, "piece_rows": cache.write_piece_rows}
+    for phase in ("idle", "writing"):
+        stop = threading.Event()
+        lat: list[float] = []
+
+        def look(lat: list[float] = lat, stop: threading.Event = stop) -> None:
+            r = np.random.default_rng(1)
+            while not stop.is_set():
+                k = r.integers(0, seed.shape[0], 1024)
+                t0 = time.perf_counter()
+                cache.lookup(k)
+                lat.append(time.perf_counter() - t0)
+                time.sleep(0.005)
+
+        th = threading.Thread(target=look)
+        th.start()
+        t_end, wrote, write_s, version = time.monotonic() + seconds, 0, 0.0, 2
+        while time.monotonic() < t_end:
+            if phase == "writing":
+                keys = rng.choice(4_000_000, write_rows, replace=False).astype(np.int64)
+                t0 = time.perf_counter()
+                cache.upsert_async(keys, vals, np.full(write_rows, version, np.int64))
+                write_s += time.perf_counter() - t0
+                wrote += write_rows
+                version += 1
+            time.sleep(0.02)
+        stop.set()
+        th.join()
+        a = np.asarray(lat) * 1e3
+        out[phase] = {"lookup_p50_ms": float(np.percentile(a, 50)),
+                      "lookup_p99_ms": float(np.percentile(a, 99)), "lookups": int(a.size)}  # fmt: skip
+        if wrote:
+            out[phase]["write_ns_per_row"] = write_s / wrote * 1e9
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 40000])
+    ap.add_argument("--rows", type=int, default=400_000, help="rows inserted per window case")
+    ap.add_argument("--write-rows", type=int, default=40_000)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--switch-interval", type=float, default=0.0001,
+                    help="sys.setswitchinterval, as a worker sets it (serving.switch_interval_ms)")  # fmt: skip
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ingest_apply.json"))
+    args = ap.parse_args()
+    sys.setswitchinterval(args.switch_interval)
+    res: dict[str, Any] = {"benchmark": "ingest_apply", "machine": platform.platform(),
+                           "cpu_count": os.cpu_count(), "args": vars(args)}  # fmt: skip
+    res["window"] = [window_inserts(s, args.rows, args.dim) for s in args.sizes]
+    print("window insert (unique keys, never pruned) beside one copy of the apply's rows")
+    print("| apply rows | insert ns/row | copy ns/row (ceiling) | slowest insert ms | chunks |")
+    print("|---|---|---|---|---|")
+    for r in res["window"]:
+        print(f"| {r['apply_rows']:,} | {r['insert_ns_per_row']:.0f} | {r['copy_ns_per_row']:.0f}"
+              f" | {r['worst_insert_ms']:.2f} | {r['chunks']} |")  # fmt: skip
+    h = res["hot_keys"] = hot_keys(args.dim)
+    print(f"\nhot keys: {h['messages']} messages x {h['rows_per_message']} rows, {h['live_rows']} "
+          f"live rows ({h['live_bytes']:,} B): window holds {h['held_bytes']:,} B "
+          f"(every message whole: {h['all_messages_bytes']:,} B)")  # fmt: skip
+    lk = res["lookups"] = lookups_beside_writer(args.dim, args.write_rows, args.seconds)
+    print(f"\nnumpy cache lookup (1024 keys every 5 ms) beside upsert_async of {args.write_rows:,} "
+          f"rows every 20 ms (pieces of {lk['piece_rows']})")  # fmt: skip
+    print("| phase | lookup p50 ms | lookup p99 ms | writer ns/row |\n|---|---|---|---|")
+    for phase in ("idle", "writing"):
+        r = lk[phase]
+        wr = f"{r['write_ns_per_row']:.0f}" if "write_ns_per_row" in r else "-"
+        print(f"| {phase}{' (ceiling)' if phase == 'idle' else ''} | {r['lookup_p50_ms']:.2f} | "
+              f"{r['lookup_p99_ms']:.2f} | {wr} |")  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
