@@ -80,8 +80,12 @@ def hot_keys(dim: int, per_msg: int = 512, messages: int = 64) -> dict[str, Any]
             "all_messages_bytes": messages * per_msg * dim * 4}  # fmt: skip
 
 
-def lookups_beside_writer(dim: int, write_rows: int, seconds: float) -> dict[str, Any]:
+def lookups_beside_writer(
+    dim: int, write_rows: int, seconds: float, piece_rows: int | None
+) -> dict[str, Any]:
     cache = NumpyCache(1 << 21, dim)
+    if piece_rows:
+        cache.write_piece_rows = piece_rows
     seed = np.arange(1 << 16, dtype=np.int64)
     cache.upsert(seed, np.ones((seed.shape[0], dim), np.float32), np.ones(seed.shape[0], np.int64))
     rng = np.random.default_rng(0)
@@ -130,6 +134,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 40000])
     ap.add_argument("--rows", type=int, default=400_000, help="rows inserted per window case")
     ap.add_argument("--write-rows", type=int, default=40_000)
+    ap.add_argument("--piece-rows", type=int, nargs="+", default=[0],
+                    help="write_piece_rows to try (0: the default)")  # fmt: skip
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--switch-interval", type=float, default=0.0001,
                     help="sys.setswitchinterval, as a worker sets it (serving.switch_interval_ms)")  # fmt: skip
@@ -149,15 +155,20 @@ def main() -> None:
     print(f"\nhot keys: {h['messages']} messages x {h['rows_per_message']} rows, {h['live_rows']} "
           f"live rows ({h['live_bytes']:,} B): window holds {h['held_bytes']:,} B "
           f"(every message whole: {h['all_messages_bytes']:,} B)")  # fmt: skip
-    lk = res["lookups"] = lookups_beside_writer(args.dim, args.write_rows, args.seconds)
+    res["lookups"] = [
+        lookups_beside_writer(args.dim, args.write_rows, args.seconds, pr or None)
+        for pr in args.piece_rows
+    ]
     print(f"\nnumpy cache lookup (1024 keys every 5 ms) beside upsert_async of {args.write_rows:,} "
-          f"rows every 20 ms (pieces of {lk['piece_rows']})")  # fmt: skip
-    print("| phase | lookup p50 ms | lookup p99 ms | writer ns/row |\n|---|---|---|---|")
-    for phase in ("idle", "writing"):
-        r = lk[phase]
-        wr = f"{r['write_ns_per_row']:.0f}" if "write_ns_per_row" in r else "-"
-        print(f"| {phase}{' (ceiling)' if phase == 'idle' else ''} | {r['lookup_p50_ms']:.2f} | "
-              f"{r['lookup_p99_ms']:.2f} | {wr} |")  # fmt: skip
+          "rows every 20 ms")  # fmt: skip
+    print("| pieces of | phase | lookup p50 ms | lookup p99 ms | writer ns/row |")
+    print("|---|---|---|---|---|")
+    for lk in res["lookups"]:
+        for phase in ("idle", "writing"):
+            r = lk[phase]
+            wr = f"{r['write_ns_per_row']:.0f}" if "write_ns_per_row" in r else "-"
+            print(f"| {lk['piece_rows']} | {phase}{' (ceiling)' if phase == 'idle' else ''} | "
+                  f"{r['lookup_p50_ms']:.2f} | {r['lookup_p99_ms']:.2f} | {wr} |")  # fmt: skip
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
