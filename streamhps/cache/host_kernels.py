@@ -1,0 +1,231 @@
+"""The ``numpy`` backend's kernels: the set-associative table's probe, lookup and write loops,
+compiled by numba and run without the GIL.
+
+The host's counterpart of ``kernels.cu``: one pass over the keys of a call, a probe per key
+(its bucket's 32 one-byte digests, then the key where a digest matches), rows copied as
+machine words. Written as loops, not as whole-array numpy steps, for two reasons the worker
+sees: a loop reads each bucket once instead of gathering ``[n, 32]`` copies per step (a write
+of 4 096 rows was ~50 numpy calls), and a compiled call releases the GIL for its whole
+duration, so the ingest thread writing rows and the request threads reading them do not queue
+for the interpreter between steps (every numpy call of the old path handed the GIL over).
+
+Every function takes validated, contiguous arrays: keys and stored keys as ``int64``, the
+digests as ``[buckets, 32]`` bytes (``dig``, written) and as ``[buckets, 4]`` uint64 words
+(``dw``, the same memory, probed eight ways at a time), rows as ``[rows, words]`` views of the value table (``uint64`` words where the row's bytes allow,
+see :func:`row_words`). The hash is ``base.hash_keys``'s splitmix64; ``tests/cache`` checks
+both give the same bucket and digest. Compiled once per machine (``cache=True`` keeps the
+machine code next to this file, or in numba's user cache directory when that is read-only).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+SLOTS = 32  # base.SLOTS_PER_BUCKET (the kernels' loops need it as a literal)
+_C1 = np.uint64(0xBF58476D1CE4E5B9)
+_C2 = np.uint64(0x94D049BB133111EB)
+_LOW32 = np.uint64(0xFFFFFFFF)
+_S27, _S30, _S31, _S32, _S56 = (np.uint64(s) for s in (27, 30, 31, 32, 56))
+_ONE = np.uint64(1)
+_BYTE = np.uint64(0xFF)
+_BYTES_ONES = np.uint64(0x0101010101010101)
+_BYTES_HIGH = np.uint64(0x8080808080808080)
+
+
+def row_words(table: np.ndarray) -> np.ndarray:
+    """``table`` (``[rows, dim]``, C-contiguous) as ``[rows, words]`` of the widest unsigned
+    integer that divides a row's bytes: the kernels copy rows as these words."""
+    nbytes = table.shape[1] * table.dtype.itemsize
+    word = next(
+        w for w in (np.uint64, np.uint32, np.uint16, np.uint8) if nbytes % w().itemsize == 0
+    )
+    return table.view(word)
+
+
+@njit(inline="always")
+def _bucket_digest(key: np.int64, n_buckets: np.uint64) -> tuple[np.int64, np.uint8]:
+    h = np.uint64(key)
+    h ^= h >> _S30
+    h *= _C1
+    h ^= h >> _S27
+    h *= _C2
+    h ^= h >> _S31
+    b = np.int64(((h & _LOW32) * n_buckets) >> _S32)
+    d = np.uint8(h >> _S56)
+    if d == 0:
+        d = np.uint8(1)
+    return b, d
+
+
+@njit(inline="always")
+def _first_way(dw: np.ndarray, b: np.int64, d: np.uint8, key: np.int64, ktab: np.ndarray) -> int:
+    """The way of bucket ``b`` whose digest is ``d`` and whose key is ``key``; -1 if none.
+    ``dw`` is the digest table as ``[buckets, 4]`` uint64 words: eight ways are compared at
+    once (a zero byte of the word xor ``d`` in every byte; the test may also flag a byte above
+    a zero one, which the key comparison then rejects), the key only where a digest matched."""
+    pattern = np.uint64(d) * _BYTES_ONES
+    for w in range(SLOTS // 8):
+        x = dw[b, w] ^ pattern
+        if (x - _BYTES_ONES) & ~x & _BYTES_HIGH:  # some byte of x is zero: a digest matched
+            for j in range(w * 8, w * 8 + 8):
+                if ((x >> np.uint64((j - w * 8) * 8)) & _BYTE) == 0 and ktab[b, j] == key:
+                    return j
+    return -1
+
+
+@njit(inline="always")
+def _empty_way(dw: np.ndarray, b: np.int64) -> int:
+    """The first way of bucket ``b`` with digest 0 (empty), -1 if the bucket is full."""
+    for w in range(SLOTS // 8):
+        x = dw[b, w]
+        if (x - _BYTES_ONES) & ~x & _BYTES_HIGH:
+            for j in range(8):
+                if ((x >> np.uint64(j * 8)) & _BYTE) == 0:
+                    return w * 8 + j
+    return -1
+
+
+@njit(inline="always")
+def _slot_of(key: np.int64, b: np.int64, d: np.uint8, dw: np.ndarray, ktab: np.ndarray) -> np.int64:
+    j = _first_way(dw, b, d, key, ktab)
+    return np.int64(-1) if j < 0 else np.int64(b * SLOTS + j)
+
+
+@njit(nogil=True, cache=True)
+def bucket_digest(keys, n_buckets, bucket, digest):
+    """``base.hash_keys`` as the kernels compute it (for the tests that compare the two)."""
+    nb = np.uint64(n_buckets)
+    for i in range(keys.shape[0]):
+        bucket[i], digest[i] = _bucket_digest(keys[i], nb)
+
+
+@njit(nogil=True, cache=True)
+def find(keys, n_buckets, dw, ktab, slot):
+    """``slot[i]`` = the slot holding ``keys[i]`` (bucket * 32 + way), -1 where absent."""
+    nb = np.uint64(n_buckets)
+    for i in range(keys.shape[0]):
+        b, d = _bucket_digest(keys[i], nb)
+        slot[i] = _slot_of(keys[i], b, d, dw, ktab)
+
+
+@njit(nogil=True, cache=True)
+def lookup(keys, n_buckets, dw, ktab, vals, score, out, hit, clock, lfu):
+    """Rows of ``keys`` into ``out`` (zeros where absent), ``hit`` per key; hits refresh their
+    score (lru: the clock; lfu: count + 1 once per call, then the clock). Returns the hits."""
+    nb = np.uint64(n_buckets)
+    c = np.uint64(clock)
+    c32 = c & _LOW32
+    words = vals.shape[1]
+    n = keys.shape[0]
+    # Probe every key first, then copy: the rows' loads are independent of each other, so the
+    # copy loop keeps many in flight (one loop doing both waited for each probe's misses).
+    slots = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        b, d = _bucket_digest(keys[i], nb)
+        slots[i] = _slot_of(keys[i], b, d, dw, ktab)
+    hits = 0
+    for i in range(n):
+        s = slots[i]
+        if s < 0:
+            hit[i] = False
+            for w in range(words):
+                out[i, w] = 0
+            continue
+        hit[i] = True
+        hits += 1
+        for w in range(words):
+            out[i, w] = vals[s, w]
+        if lfu:
+            old = score[s]
+            if (old & _LOW32) != c32:  # once per lookup call, however often the key repeats
+                count = min((old >> _S32) + _ONE, _LOW32)
+                score[s] = (count << _S32) | c32
+        else:
+            score[s] = c
+    return hits
+
+
+@njit(nogil=True, cache=True)
+def write_resident(keys, versions, src, values, n_buckets, dw, ktab, ver, stamp, vals, now, miss):  # noqa: E501
+    """The first pass of an upsert (``keys`` distinct): a resident key whose version is newer
+    takes row ``values[src[i]]`` and the call's stamp ``now`` (so this call never evicts it).
+    The positions of absent keys go to ``miss`` in input order. Returns (updates, absent)."""
+    nb = np.uint64(n_buckets)
+    words = vals.shape[1]
+    updates = 0
+    absent = 0
+    for i in range(keys.shape[0]):
+        b, d = _bucket_digest(keys[i], nb)
+        s = _slot_of(keys[i], b, d, dw, ktab)
+        if s < 0:
+            miss[absent] = i
+            absent += 1
+        elif versions[i] > ver[s]:
+            ver[s] = versions[i]
+            stamp[s] = now
+            r = src[i]
+            for w in range(words):
+                vals[s, w] = values[r, w]
+            updates += 1
+    return updates, absent
+
+
+@njit(nogil=True, cache=True)
+def insert_absent(
+    order,
+    keys,
+    versions,
+    src,
+    values,
+    n_buckets,
+    dig,
+    dw,
+    ktab,
+    ver,
+    score,
+    stamp,
+    vals,
+    now,
+    new_score,
+):  # noqa: E501
+    """The second pass: insert ``keys[order]`` (absent, in key order) into the first empty way
+    of their bucket, else over the way with the lowest ``(score, key)`` not stamped ``now``;
+    a key that finds neither is dropped. Returns (inserted into empty ways, evictions, dropped).
+    """
+    nb = np.uint64(n_buckets)
+    words = vals.shape[1]
+    empty = 0
+    evicted = 0
+    dropped = 0
+    for o in range(order.shape[0]):
+        i = order[o]
+        b, d = _bucket_digest(keys[i], nb)
+        way = _empty_way(dw, b)
+        if way >= 0:
+            empty += 1
+        else:
+            base = b * SLOTS
+            for j in range(SLOTS):
+                if stamp[base + j] == now:
+                    continue
+                if (
+                    way < 0
+                    or score[base + j] < score[base + way]
+                    or (score[base + j] == score[base + way] and ktab[b, j] < ktab[b, way])
+                ):
+                    way = j
+            if way < 0:
+                dropped += 1
+                continue
+            evicted += 1
+        s = b * SLOTS + way
+        ktab[b, way] = keys[i]
+        dig[b, way] = d
+        ver[s] = versions[i]
+        score[s] = new_score
+        stamp[s] = now
+        r = src[i]
+        for w in range(words):
+            vals[s, w] = values[r, w]
+    return empty, evicted, dropped
