@@ -596,7 +596,9 @@ def main() -> None:
         CudaCache.write_piece_rows = 1 << 30
     if args.single_consume:
 
-        def consume_once(consumer: Any, max_messages: int, timeout: float) -> list[Any]:
+        def consume_once(
+            consumer: Any, max_messages: int, timeout: float, bite: int | None = None
+        ) -> list[Any]:
             return list(consumer.consume(num_messages=max_messages, timeout=timeout))
 
         ingest.consume_batch = consume_once

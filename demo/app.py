@@ -229,13 +229,17 @@ def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
         train_thread.join(30)
         if train_error:
             raise train_error[0]
-        # Let the serving side catch up with the last commit, then read the final state.
+        # Let the serving side catch up with the last commit and the last dense update (published
+        # after the commit, on its own topic: it may arrive after the tables' markers), then
+        # read the final state.
         last = trainer.stats.last_version
         deadline = time.monotonic() + 15
         applied: dict[str, int] = {}
         while time.monotonic() < deadline:
-            applied = _applied_versions(client.status())
-            if applied and min(applied.values()) >= last:
+            status = client.status()
+            applied = _applied_versions(status)
+            dense = (status.get("dense_model") or {}).get("version") or 0
+            if applied and min(applied.values()) >= last and dense >= trainer.stats.dense_version:
                 break
             time.sleep(0.2)
         final_status = client.status()

@@ -189,14 +189,30 @@ class FakeMessage:
 
 
 class FakeConsumer:
-    """A stand-in for a ``confluent_kafka.Consumer`` that hands out ``batches`` of
-    :class:`FakeMessage`, one batch per ``consume`` call, then nothing (no broker)."""
+    """A stand-in for a ``confluent_kafka.Consumer`` (no broker) that hands out ``batches`` of
+    :class:`FakeMessage` as a consumer fetches them: a batch is what is there at once
+    (``consume`` returns up to ``num_messages`` of it), and between two batches one call
+    returns nothing (the next fetch has not arrived); after the last, nothing."""
 
     def __init__(self, batches: list[list[Any]]) -> None:
         self.batches = list(batches)
+        self._current: list[Any] = []
+        self.calls: list[int] = []  # what each consume call returned, in messages
 
     def consume(self, num_messages: int, timeout: float) -> list[Any]:
-        return self.batches.pop(0) if self.batches else []
+        if not self._current:
+            if not self.batches:
+                self.calls.append(0)
+                return []
+            self._current = list(self.batches.pop(0))
+            if not self._current:
+                self.calls.append(0)
+                return []
+        out, self._current = self._current[:num_messages], self._current[num_messages:]
+        if not self._current and self.batches:
+            self.batches.insert(0, [])  # the gap before the next fetch
+        self.calls.append(len(out))
+        return out
 
     def get_watermark_offsets(self, tp: Any, cached: bool = False) -> tuple[int, int]:
         return (-1001, -1001)  # librdkafka's answer before any fetch of the partition

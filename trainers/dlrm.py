@@ -80,6 +80,7 @@ class TrainerStats:
     rows_published: int = 0
     commits: int = 0
     dense_published: int = 0
+    dense_version: int = 0  # version of the last dense update published
     last_version: int = 0
     loss_ewma: float = float("nan")
     auc_ewma: float = float("nan")  # progressive validation: scored before training on the batch
@@ -273,6 +274,7 @@ class OnlineTrainer:
             self._publisher.flush()
             self._commits_since_dense = 0
             self.stats.dense_published += 1
+            self.stats.dense_version = version
         self.stats.rows_published += rows
         self.stats.commits += 1
         self.stats.last_version = version

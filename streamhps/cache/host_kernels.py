@@ -13,11 +13,16 @@ Every function takes validated, contiguous arrays: keys and stored keys as ``int
 digests as ``[buckets, 32]`` bytes (``dig``, written) and as ``[buckets, 4]`` uint64 words
 (``dw``, the same memory, probed eight ways at a time), rows as ``[rows, words]`` views of the value table (``uint64`` words where the row's bytes allow,
 see :func:`row_words`). The hash is ``base.hash_keys``'s splitmix64; ``tests/cache`` checks
-both give the same bucket and digest. Compiled once per machine (``cache=True`` keeps the
-machine code next to this file, or in numba's user cache directory when that is read-only).
+both give the same bucket and digest. Input arrays are passed read-only (:func:`ro`: rows
+decoded from Kafka are read-only, and numba compiles a function once per such flag), so every
+kernel has one variant per row word; :func:`warm` compiles them, or loads them from numba's
+cache (next to this file, or numba's user cache directory when that is read-only), when a
+cache is built: not on the stream's first rows or a request's first lookup.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 from numba import njit
@@ -41,6 +46,49 @@ def row_words(table: np.ndarray) -> np.ndarray:
         w for w in (np.uint64, np.uint32, np.uint16, np.uint8) if nbytes % w().itemsize == 0
     )
     return table.view(word)
+
+
+def ro(a: np.ndarray) -> np.ndarray:
+    """A read-only view of ``a`` (no copy): how every input array reaches the kernels."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+_warmed: set[np.dtype] = set()
+_warm_lock = threading.Lock()
+
+
+def warm(word: np.dtype) -> None:
+    """Compile or load every kernel for rows of ``word`` (see :func:`row_words`), once per
+    process: a one-bucket table, one key through each."""
+    with _warm_lock:
+        if word in _warmed:
+            return
+        dig = np.zeros((1, SLOTS), dtype=np.uint8)
+        ktab = np.full((1, SLOTS), np.iinfo(np.int64).min, dtype=np.int64)
+        ver = np.zeros(SLOTS, dtype=np.int64)
+        score = np.zeros(SLOTS, dtype=np.uint64)
+        stamp = np.zeros(SLOTS, dtype=np.uint32)
+        vals = np.zeros((SLOTS, 1), dtype=word)
+        keys, versions = ro(np.array([7], dtype=np.int64)), ro(np.array([2], dtype=np.int64))
+        src = ro(np.arange(1))
+        rows = ro(np.ones((1, 1), dtype=word))
+        miss = np.empty(1, dtype=np.int64)
+        dw = dig.view(np.uint64)
+        now = np.uint32(1)
+        write_resident(keys, versions, src, rows, 1, dw, ktab, ver, stamp, vals, now, miss)
+        insert_absent(
+            ro(miss), keys, versions, src, rows, 1, dig, dw, ktab, ver, score, stamp, vals, now,
+            np.uint64(1),
+        )  # fmt: skip
+        slot = np.empty(1, dtype=np.int64)
+        find(keys, 1, dw, ktab, slot)
+        out = np.empty((1, 1), dtype=word)
+        hit = np.empty(1, dtype=np.bool_)
+        lookup(keys, 1, dw, ktab, vals, score, out, hit, 2, False)
+        assert hit[0] and slot[0] >= 0, "host_kernels.warm: the one-key table lost its key"
+        _warmed.add(word)
 
 
 @njit(inline="always")

@@ -40,6 +40,7 @@ class NumpyCache(EmbeddingCache):
         for a in (self._ktab, self._dig, self._ver, self._score, self._stamp, self._vals):
             a.reshape(-1)[:: max(1, 4096 // a.itemsize)] = a.reshape(-1)[0]
         self._hits = 0
+        hk.warm(self._words.dtype)  # compiled (or loaded) now, not on the first rows
 
     # ------------------------------------------------------------------ helpers
     def _as_array(self, a: Any) -> np.ndarray:
@@ -63,7 +64,7 @@ class NumpyCache(EmbeddingCache):
     def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(slot, hit) per key; slot is -1 on a miss."""
         slot = np.empty(keys.shape[0], dtype=np.int64)
-        hk.find(keys, self.n_buckets, self._dig_words, self._ktab, slot)
+        hk.find(hk.ro(keys), self.n_buckets, self._dig_words, self._ktab, slot)
         return slot, slot >= 0
 
     # ------------------------------------------------------------------ operations
@@ -72,7 +73,7 @@ class NumpyCache(EmbeddingCache):
         out = np.empty((n, self.dim), dtype=self.dtype)
         hit = np.empty(n, dtype=bool)
         self._hits += hk.lookup(
-            keys, self.n_buckets, self._dig_words, self._ktab, self._words, self._score,
+            hk.ro(keys), self.n_buckets, self._dig_words, self._ktab, self._words, self._score,
             hk.row_words(out), hit, clock, self.policy == "lfu",
         )  # fmt: skip
         return out, hit
@@ -116,7 +117,7 @@ class NumpyCache(EmbeddingCache):
             src = order[last]
             group_size = np.diff(np.concatenate(([-1], np.flatnonzero(last))))
             uk, uv = keys[src], versions[src]
-        rows = hk.row_words(values)
+        uk, uv, src, rows = hk.ro(uk), hk.ro(uv), hk.ro(src), hk.ro(hk.row_words(values))
         miss = np.empty(uk.shape[0], dtype=np.int64)
         updates, n_miss = hk.write_resident(
             uk, uv, src, rows, self.n_buckets, self._dig_words, self._ktab, self._ver, self._stamp,
@@ -133,7 +134,7 @@ class NumpyCache(EmbeddingCache):
                 miss = by_key[absent[by_key]]
             new_score = clock if self.policy == "lru" else (1 << 32) | (clock & 0xFFFFFFFF)
             empty, evicted, dropped = hk.insert_absent(
-                miss, uk, uv, src, rows, self.n_buckets, self._dig, self._dig_words, self._ktab, self._ver,
+                hk.ro(miss), uk, uv, src, rows, self.n_buckets, self._dig, self._dig_words, self._ktab, self._ver,
                 self._score, self._stamp, self._words, now, np.uint64(new_score),
             )  # fmt: skip
             c["inserted_empty"], c["evictions"], c["dropped"] = (

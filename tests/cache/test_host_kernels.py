@@ -90,3 +90,28 @@ def test_lookups_keep_their_pace_beside_a_busy_python_thread() -> None:
         sys.setswitchinterval(old)
     assert alone >= 4, alone
     assert beside >= 0.4 * alone, (alone, beside)
+
+
+KERNELS = (hk.find, hk.lookup, hk.write_resident, hk.insert_absent)
+
+
+def test_no_compile_after_the_cache_is_built() -> None:
+    """Every variant the cache calls is compiled at construction: the stream's first rows
+    (read-only arrays decoded from Kafka bytes) and the first lookup compile nothing more
+    (a compile there stalled the first apply by a second)."""
+    c = NumpyCache(1 << 12, 32)
+    before = [len(k.signatures) for k in KERNELS]
+    rng = np.random.default_rng(3)
+    keys = np.frombuffer(rng.permutation(4096).astype(np.int64).tobytes(), dtype=np.int64)
+    rows = np.frombuffer(np.ones((4096, 32), np.float32).tobytes(), np.float32).reshape(4096, 32)
+    vers = np.frombuffer(np.full(4096, 3, np.int64).tobytes(), dtype=np.int64)
+    assert not keys.flags.writeable and not rows.flags.writeable
+    c.upsert_async(keys, [rows[:1000], rows[1000:]], vers)
+    c.upsert(np.sort(keys[:100]), rows[:100], vers[:100] + 1)
+    c.update_if_present(keys[:10], np.ones((10, 32)), vers[:10] + 2)  # float64 rows, converted
+    c.upsert(np.repeat(keys[:5], 2), rows[:10], np.arange(1, 11))  # repeated keys
+    c.lookup(keys[:64])
+    c.lookup_pooled(keys[:8], np.array([0, 4, 8]))
+    c.get_versions(keys[:64])
+    c.evict(keys[:3])
+    assert [len(k.signatures) for k in KERNELS] == before
