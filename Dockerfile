@@ -20,6 +20,10 @@ COPY servers ./servers
 COPY trainers ./trainers
 COPY demo ./demo
 RUN pip install ".[${EXTRAS}]"
+# The numpy cache's compiled loops (streamhps/cache/host_kernels.py), for every row width, into
+# numba's cache beside the installed module: containers load them instead of compiling at start.
+RUN python -c "from streamhps.cache.numpy_backend import NumpyCache as C; \
+    [C(64, d, t) for d, t in ((2, 'float32'), (1, 'float32'), (1, 'float16'))]"
 
 # Unprivileged user; /data holds the LMDB store (a named volume in compose.yaml).
 RUN useradd --create-home --uid 10001 streamhps && mkdir -p /data && chown streamhps /data
