@@ -30,7 +30,7 @@ import abc
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -213,9 +213,8 @@ class EmbeddingCache(abc.ABC):
         pieces; a piece's rows are a view of one array of the list where they lie in one (the
         batch is never stacked whole: tens of MB of fresh pages per apply)."""
         n = int(np.shape(keys)[0])
-        parts = self._row_parts(values, n) if isinstance(values, (list, tuple)) else None
+        write = self._piece_writer(keys, values, versions, n, insert)
         step = self.write_piece_rows
-        write = self.upsert if insert else self.update_if_present
         for lo in range(0, n, step) if n > step else [0]:
             if lo and self._reader_waiting:
                 # Python locks are not fair: released and taken again at once, the lock stayed
@@ -225,11 +224,24 @@ class EmbeddingCache(abc.ABC):
                 self._reader_waiting = False
                 self._writer_returning = True
                 time.sleep(0)
-            hi = lo + step
-            rows = values[lo:hi] if parts is None else _rows_between(parts, lo, min(hi, n))
             with self._lock:
                 self._writer_returning = False
-                write(keys[lo:hi], rows, versions[lo:hi])
+                write(lo, min(lo + step, n))
+
+    def _piece_writer(
+        self, keys: Any, values: Any, versions: Any, n: int, insert: bool
+    ) -> Callable[[int, int], Any]:
+        """For :meth:`upsert_async`: a function writing rows ``lo:hi`` (called with the lock
+        held). Here: ``upsert``/``update_if_present`` of each piece, which checks it; a backend
+        may check the whole batch once instead."""
+        parts = self._row_parts(values, n) if isinstance(values, (list, tuple)) else None
+        write = self.upsert if insert else self.update_if_present
+
+        def piece(lo: int, hi: int) -> Any:
+            rows = values[lo:hi] if parts is None else rows_between(parts, lo, hi)
+            return write(keys[lo:hi], rows, versions[lo:hi])
+
+        return piece
 
     def _row_parts(self, values: list[Any] | tuple[Any, ...], n: int) -> list[Any]:
         parts = [self._as_array(v) for v in values]
@@ -404,7 +416,7 @@ def row_pieces(parts: list[Any], lo: int, hi: int) -> list[Any]:
     return pieces
 
 
-def _rows_between(parts: list[Any], lo: int, hi: int) -> Any:
+def rows_between(parts: list[Any], lo: int, hi: int) -> Any:
     """Rows ``lo:hi`` of ``parts`` stacked in order: a view where they lie in one array."""
     pieces = row_pieces(parts, lo, hi)
     if len(pieces) == 1:

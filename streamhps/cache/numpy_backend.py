@@ -11,12 +11,13 @@ class's lock around every operation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from streamhps.cache import host_kernels as hk
-from streamhps.cache.base import SLOTS_PER_BUCKET, EmbeddingCache
+from streamhps.cache.base import SLOTS_PER_BUCKET, EmbeddingCache, rows_between
 from streamhps.errors import CacheError
 
 _EMPTY = np.iinfo(np.int64).min  # key stored in empty slots (occupancy is the digest's)
@@ -143,6 +144,57 @@ class NumpyCache(EmbeddingCache):
                 int(dropped),
             )
         return c
+
+    def _piece_writer(
+        self, keys: Any, values: Any, versions: Any, n: int, insert: bool
+    ) -> Callable[[int, int], Any]:
+        """The stream writer's pieces: the batch checked once (a bad row refuses the whole
+        batch before any piece is written), then one compiled call per piece. Batches that
+        repeat a key (the worker sends one row per key) go piece by piece through ``upsert``."""
+        k = self._check_keys(self._as_array(keys), "keys")
+        parts = (
+            self._row_parts(values, n)
+            if isinstance(values, (list, tuple))
+            else [self._as_array(values)]
+        )
+        for p in parts:
+            if p.ndim != 2 or p.shape[1] != self.dim or p.dtype.kind != "f":
+                raise CacheError(
+                    f"values must be [rows, {self.dim}] floating point arrays for a dim-"
+                    f"{self.dim} cache, got {tuple(p.shape)} {p.dtype}"
+                )
+        if sum(int(p.shape[0]) for p in parts) != n:
+            raise CacheError(f"values hold {sum(int(p.shape[0]) for p in parts)} rows for {n} keys")
+        ver = self._as_array(versions)
+        if ver.ndim != 1 or ver.shape[0] != n or ver.dtype.kind not in "iu":
+            raise CacheError(f"versions must be ({n},) integers to match keys, got {ver.shape}")
+        ver = np.ascontiguousarray(ver, dtype=np.int64)
+        if n and bool((ver <= 0).any()):
+            raise CacheError("versions must be > 0; this call was refused and changed nothing")
+        ks = np.sort(k)
+        if n > 1 and bool((ks[1:] == ks[:-1]).any()):
+            return super()._piece_writer(k, parts, ver, n, insert)
+        parts = [np.ascontiguousarray(p, dtype=self.dtype) for p in parts]
+        k, ver = hk.ro(k), hk.ro(ver)
+        dig, dw, ktab = self._dig, self._dig_words, self._ktab
+        table = self._words
+
+        def piece(lo: int, hi: int) -> None:
+            self._clock += 1
+            clock = self._clock
+            new_score = clock if self.policy == "lru" else (1 << 32) | (clock & 0xFFFFFFFF)
+            rows = hk.ro(hk.row_words(np.ascontiguousarray(rows_between(parts, lo, hi))))
+            keys = k[lo:hi]
+            updates, absent, empty, evicted, dropped = hk.upsert_distinct(
+                keys, ver[lo:hi], rows, hk.ro(np.argsort(keys)), self.n_buckets, dig, dw, ktab, self._ver,
+                self._score, self._stamp, table, np.uint32(clock & 0xFFFFFFFF),
+                np.uint64(new_score), insert,
+            )  # fmt: skip
+            c = {"updates": int(updates), "inserted_empty": int(empty), "evictions": int(evicted),
+                 "dropped": int(dropped), "absent": 0 if insert else int(absent)}  # fmt: skip
+            self._count(c, hi - lo)
+
+        return piece
 
     def _evict(self, keys: np.ndarray) -> int:
         slot, hit = self._find(np.unique(keys))

@@ -12,6 +12,7 @@ import pytest
 from streamhps.cache import host_kernels as hk
 from streamhps.cache.base import hash_keys
 from streamhps.cache.numpy_backend import NumpyCache
+from streamhps.errors import CacheError
 
 
 @pytest.mark.parametrize("n_buckets", [1, 7, 1 << 15, (1 << 31) + 3])
@@ -92,7 +93,7 @@ def test_lookups_keep_their_pace_beside_a_busy_python_thread() -> None:
     assert beside >= 0.4 * alone, (alone, beside)
 
 
-KERNELS = (hk.find, hk.lookup, hk.write_resident, hk.insert_absent)
+KERNELS = (hk.find, hk.lookup, hk.write_resident, hk.insert_absent, hk.upsert_distinct)
 
 
 def test_no_compile_after_the_cache_is_built() -> None:
@@ -172,3 +173,16 @@ def test_a_lookup_gets_in_between_the_pieces_of_a_long_write() -> None:
         assert took < 8 * alone, f"the write took {took:.3f} s beside a reader, {alone:.3f} s alone"
     finally:
         sys.setswitchinterval(old)
+
+
+def test_a_stream_write_with_a_bad_row_changes_nothing() -> None:
+    """The stream writer checks the whole batch before its first piece: a version of 0 in the
+    last piece refuses the batch, and no earlier piece was written."""
+    c = NumpyCache(1 << 14, 8)
+    n = 3 * c.write_piece_rows
+    keys = np.arange(n, dtype=np.int64)
+    vers = np.ones(n, dtype=np.int64)
+    vers[-1] = 0
+    with pytest.raises(CacheError, match="versions must be > 0"):
+        c.upsert_async(keys, [np.ones((n, 8), np.float32)], vers)
+    assert len(c) == 0 and not c.lookup(keys)[1].any()
