@@ -151,7 +151,7 @@ def _beside_a_write(
 def test_a_lookup_gets_in_between_the_pieces_of_a_long_write() -> None:
     """A stream write of many pieces lets lookups in between them, and keeps its pace beside a
     reader in a tight loop. Python locks are not fair: the writer yields when a reader waits
-    (without it, lookups every 2 ms beside a 600-piece write waited 60-100 ms), and readers let
+    (without it, 3-6 lookups every 2 ms beside a 600-piece write, p90 60-70 ms), and readers let
     the writer back in (without that, one lookup in 20 waited ~60 ms, and a tight loop of
     lookups stretched a 200-piece write 10-40x). With the worker's GIL switch interval."""
     old = sys.getswitchinterval()
@@ -161,7 +161,8 @@ def test_a_lookup_gets_in_between_the_pieces_of_a_long_write() -> None:
         c.lookup(np.arange(8, dtype=np.int64))
         keys, rows = _long_write(c, 600)
         _, lat = _beside_a_write(c, keys, rows, 0.002)
-        assert len(lat) >= 10 and max(lat) < 0.02, (len(lat), max(lat))
+        p90 = sorted(lat)[len(lat) * 9 // 10]
+        assert len(lat) >= 10 and p90 < 0.01, (len(lat), p90)
         c.clear()
         keys, rows = _long_write(c, 200)
         t0 = time.perf_counter()
