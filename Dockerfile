@@ -21,12 +21,14 @@ COPY trainers ./trainers
 COPY demo ./demo
 RUN pip install ".[${EXTRAS}]"
 # The numpy cache's compiled loops (streamhps/cache/host_kernels.py), for every row width, into
-# numba's cache beside the installed module: containers load them instead of compiling at start.
+# a numba cache directory the unprivileged user reads: containers load them, not compile them.
+ENV NUMBA_CACHE_DIR=/var/cache/streamhps-numba
 RUN python -c "from streamhps.cache.numpy_backend import NumpyCache as C; \
     [C(64, d, t) for d, t in ((2, 'float32'), (1, 'float32'), (1, 'float16'))]"
 
 # Unprivileged user; /data holds the LMDB store (a named volume in compose.yaml).
-RUN useradd --create-home --uid 10001 streamhps && mkdir -p /data && chown streamhps /data
+RUN useradd --create-home --uid 10001 streamhps && mkdir -p /data && chown streamhps /data \
+    && chown -R streamhps "$NUMBA_CACHE_DIR"
 USER streamhps
 VOLUME ["/data"]
 EXPOSE 8000

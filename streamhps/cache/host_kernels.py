@@ -22,10 +22,15 @@ cache is built: not on the stream's first rows or a request's first lookup.
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numba import njit
+
+log = logging.getLogger(__name__)
 
 SLOTS = 32  # base.SLOTS_PER_BUCKET (the kernels' loops need it as a literal)
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -36,6 +41,27 @@ _ONE = np.uint64(1)
 _BYTE = np.uint64(0xFF)
 _BYTES_ONES = np.uint64(0x0101010101010101)
 _BYTES_HIGH = np.uint64(0x8080808080808080)
+
+
+def _kernel(fn: Callable[..., Any]) -> Any:
+    """``njit(nogil=True, cache=True)``; where numba finds no writable place for its cache (this
+    file's ``__pycache__`` read-only, no user cache directory, no ``NUMBA_CACHE_DIR``), without
+    the cache: every process then compiles at its first cache (seconds), instead of failing
+    to import."""
+    try:
+        return njit(nogil=True, cache=True)(fn)
+    except RuntimeError as e:  # numba: "cannot cache function ...: no locator available"
+        if not _uncached:
+            log.warning(
+                "the numpy cache's compiled code cannot be cached (%s): every process compiles "
+                "it when it builds its first cache (seconds); set NUMBA_CACHE_DIR to a "
+                "writable directory to compile once", e,
+            )  # fmt: skip
+        _uncached.append(fn.__name__)
+        return njit(nogil=True)(fn)
+
+
+_uncached: list[str] = []  # kernels compiled without numba's cache (:func:`_kernel`)
 
 
 def row_words(table: np.ndarray) -> np.ndarray:
@@ -145,7 +171,7 @@ def _slot_of(key: np.int64, b: np.int64, d: np.uint8, dw: np.ndarray, ktab: np.n
     return np.int64(-1) if j < 0 else np.int64(b * SLOTS + j)
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def bucket_digest(keys, n_buckets, bucket, digest):
     """``base.hash_keys`` as the kernels compute it (for the tests that compare the two)."""
     nb = np.uint64(n_buckets)
@@ -153,7 +179,7 @@ def bucket_digest(keys, n_buckets, bucket, digest):
         bucket[i], digest[i] = _bucket_digest(keys[i], nb)
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def find(keys, n_buckets, dw, ktab, slot):
     """``slot[i]`` = the slot holding ``keys[i]`` (bucket * 32 + way), -1 where absent."""
     nb = np.uint64(n_buckets)
@@ -162,7 +188,7 @@ def find(keys, n_buckets, dw, ktab, slot):
         slot[i] = _slot_of(keys[i], b, d, dw, ktab)
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def lookup(keys, n_buckets, dw, ktab, vals, score, out, hit, clock, lfu):
     """Rows of ``keys`` into ``out`` (zeros where absent), ``hit`` per key; hits refresh their
     score (lru: the clock; lfu: count + 1 once per call, then the clock). Returns the hits."""
@@ -199,7 +225,7 @@ def lookup(keys, n_buckets, dw, ktab, vals, score, out, hit, clock, lfu):
     return hits
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def write_resident(keys, versions, src, values, n_buckets, dw, ktab, ver, stamp, vals, now, miss):  # noqa: E501
     """The first pass of an upsert (``keys`` distinct): a resident key whose version is newer
     takes row ``values[src[i]]`` and the call's stamp ``now`` (so this call never evicts it).
@@ -224,7 +250,7 @@ def write_resident(keys, versions, src, values, n_buckets, dw, ktab, ver, stamp,
     return updates, absent
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def insert_absent(
     order,
     keys,
@@ -284,7 +310,7 @@ def insert_absent(
     return empty, evicted, dropped
 
 
-@njit(nogil=True, cache=True)
+@_kernel
 def upsert_distinct(
     keys,
     versions,

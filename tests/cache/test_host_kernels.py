@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -187,3 +189,22 @@ def test_a_stream_write_with_a_bad_row_changes_nothing() -> None:
     with pytest.raises(CacheError, match="versions must be > 0"):
         c.upsert_async(keys, [np.ones((n, 8), np.float32)], vers)
     assert len(c) == 0 and not c.lookup(keys)[1].any()
+
+
+def test_the_cache_works_where_numba_cannot_cache_its_code() -> None:
+    """A read-only install with no user cache directory leaves numba no place to cache compiled
+    code; ``cache=True`` then raised at import and the numpy backend could not be imported.
+    Simulated by allowing only numba's zip-file locator (it serves no plain file)."""
+    code = (
+        "import numpy as np\n"
+        "from streamhps.cache.numpy_backend import NumpyCache\n"
+        "from streamhps.cache import host_kernels as hk\n"
+        "c = NumpyCache(64, 4)\n"
+        "c.upsert(np.arange(3), np.ones((3, 4)), np.ones(3, np.int64))\n"
+        "assert c.lookup(np.arange(4))[1].tolist() == [True, True, True, False]\n"
+        "assert 'lookup' in hk._uncached, hk._uncached\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "numba.core.caching.ZipCacheLocator"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "NUMBA_CACHE_DIR" in r.stderr  # the operator is told what to do
