@@ -140,8 +140,12 @@ def test_a_worker_waits_for_the_processor_to_create_its_store(
     assert f"no store at {store}" in caplog.text
 
     def processor_starts_later() -> None:
+        # Built beside and renamed into place: LMDB forbids one process to open an environment
+        # twice at once, and this thread and the waiting one are one process (a processor is
+        # another). Writing it in place here hung the suite once (both threads in LMDB's
+        # lock-file mutex, beyond pytest-timeout's reach).
         time.sleep(0.5)
-        _store(store, rows=10)
+        os.rename(_store(tmp_path / "being-created", rows=10), store)
 
     t = threading.Thread(target=processor_starts_later)
     t.start()
