@@ -13,14 +13,13 @@ clock starts (a worker does it once per process, at start). Embedded broker, dim
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_json
 from staleness import empty_store, make_config, raw_consume, rows_of
 
 from streamhps import Config, Publisher
@@ -123,10 +122,7 @@ def main() -> None:
             print(f"| {d} worker | {r['seconds']:.3f} | {r['rows_per_s']:,.0f} | "
                   f"{a['p50_ms']:.2f} / {a['p99_ms']:.2f} / {a['max_ms']:.2f} | "
                   f"{b['p50_ms']:.2f} / {b['p99_ms']:.2f} / {b['max_ms']:.2f} |")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,16 @@ else running. Embedded broker, one partition, ``--messages`` of ``--message-byte
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from report import write_json
 
 from streamhps.broker import EmbeddedBroker
 from streamhps.worker.ingest import BATCH_MESSAGES, FETCH_BITE_BYTES, consume_batch
@@ -119,12 +118,9 @@ def main() -> None:
     for r in runs:
         print(f"| {r['bite']} | {r['rounds']} | {r['seconds'] * 1e3:.0f} | {r['max_ms']:.2f} | "
               f"{r['p999_ms']:.3f} |")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": "consume_gil", "machine": platform.node(),
-                               "args": vars(args), "fetch_bite_bytes": FETCH_BITE_BYTES,
-                               "ceiling": ceiling, "runs": runs}, indent=2))  # fmt: skip
-    print(f"wrote {out}")
+    write_json(args.out, {"benchmark": "consume_gil", "machine": platform.node(),
+                          "args": vars(args), "fetch_bite_bytes": FETCH_BITE_BYTES,
+                          "ceiling": ceiling, "runs": runs})  # fmt: skip
 
 
 if __name__ == "__main__":

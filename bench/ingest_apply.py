@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_json
 
 from streamhps.cache.numpy_backend import NumpyCache
 from streamhps.worker.window import RecentRows, latest_rows
@@ -169,10 +169,8 @@ def main() -> None:
             wr = f"{r['write_ns_per_row']:.0f}" if "write_ns_per_row" in r else "-"
             print(f"| {lk['piece_rows']} | {phase}{' (ceiling)' if phase == 'idle' else ''} | "
                   f"{r['lookup_p50_ms']:.2f} | {r['lookup_p99_ms']:.2f} | {wr} |")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(f"\nwrote {out}")
+    print()
+    write_json(args.out, res)
 
 
 if __name__ == "__main__":

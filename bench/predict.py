@@ -27,7 +27,6 @@ batching. Pooled (multi-hot) lookups: the fused kernel beside the HBM copy bandw
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -44,6 +43,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from report import write_json
 
 from servers.app import InferenceServer  # noqa: E402
 from servers.model import ServedModel  # noqa: E402
@@ -568,10 +569,7 @@ def main() -> None:
             w.stop()
         broker.stop()
     report()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(RESULTS, indent=2, default=str))
-    print(f"wrote {out}")
+    write_json(args.out, RESULTS)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ shard does), total rows/s beside the same number of raw putmulti processes.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -38,6 +37,7 @@ from typing import Any
 
 import lmdb
 import numpy as np
+from report import write_json
 
 from streamhps import wire
 from streamhps.config import TableSpec
@@ -365,10 +365,8 @@ def main() -> None:
             shard_cases(args, base, sync, results)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    print()
+    write_json(args.out, results)
 
 
 def write_cases(args: argparse.Namespace, base: Path, sync: bool, results: dict[str, Any]) -> None:

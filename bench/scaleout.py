@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import math
 import os
 import platform
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_json
 
 from streamhps import Config, Publisher
 from streamhps.broker import EmbeddedBroker
@@ -449,10 +449,7 @@ def main() -> None:
         f"floor: GET /healthz round trip p50 {floor['p50_ms']:.3f} ms, p99 {floor['p99_ms']:.3f} ms"
     )
     result["table"] = rows_out
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ place of copies: py-lmdb makes one per value).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -24,6 +23,7 @@ from typing import Any
 
 import lmdb
 import numpy as np
+from report import write_json
 
 from streamhps.config import TableSpec
 from streamhps.store import LmdbStore, WriteBatch
@@ -114,10 +114,8 @@ def main() -> None:
                 )
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    print()
+    write_json(args.out, results)
 
 
 if __name__ == "__main__":
