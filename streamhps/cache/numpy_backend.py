@@ -62,6 +62,11 @@ class NumpyCache(EmbeddingCache):
         """The digests as ``[buckets, 4]`` uint64 words (a view), probed eight ways at once."""
         return self._dig.view(np.uint64)
 
+    def _insert_score(self, clock: int) -> np.uint64:
+        """The score an insert by operation ``clock`` starts with (lru: the clock; lfu: one
+        lookup, then the clock)."""
+        return np.uint64(clock if self.policy == "lru" else (1 << 32) | (clock & 0xFFFFFFFF))
+
     def _find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(slot, hit) per key; slot is -1 on a miss."""
         slot = np.empty(keys.shape[0], dtype=np.int64)
@@ -133,10 +138,9 @@ class NumpyCache(EmbeddingCache):
                 absent = np.zeros(n, dtype=bool)
                 absent[miss] = True
                 miss = by_key[absent[by_key]]
-            new_score = clock if self.policy == "lru" else (1 << 32) | (clock & 0xFFFFFFFF)
             empty, evicted, dropped = hk.insert_absent(
                 hk.ro(miss), uk, uv, src, rows, self.n_buckets, self._dig, self._dig_words, self._ktab, self._ver,
-                self._score, self._stamp, self._words, now, np.uint64(new_score),
+                self._score, self._stamp, self._words, now, self._insert_score(clock),
             )  # fmt: skip
             c["inserted_empty"], c["evictions"], c["dropped"] = (
                 int(empty),
@@ -182,13 +186,12 @@ class NumpyCache(EmbeddingCache):
         def piece(lo: int, hi: int) -> None:
             self._clock += 1
             clock = self._clock
-            new_score = clock if self.policy == "lru" else (1 << 32) | (clock & 0xFFFFFFFF)
             rows = hk.ro(hk.row_words(np.ascontiguousarray(rows_between(parts, lo, hi))))
             keys = k[lo:hi]
             updates, absent, empty, evicted, dropped = hk.upsert_distinct(
                 keys, ver[lo:hi], rows, hk.ro(np.argsort(keys)), self.n_buckets, dig, dw, ktab, self._ver,
                 self._score, self._stamp, table, np.uint32(clock & 0xFFFFFFFF),
-                np.uint64(new_score), insert,
+                self._insert_score(clock), insert,
             )  # fmt: skip
             c = {"updates": int(updates), "inserted_empty": int(empty), "evictions": int(evicted),
                  "dropped": int(dropped), "absent": 0 if insert else int(absent)}  # fmt: skip
