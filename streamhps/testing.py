@@ -200,16 +200,10 @@ class FakeConsumer:
         self.calls: list[int] = []  # what each consume call returned, in messages
 
     def consume(self, num_messages: int, timeout: float) -> list[Any]:
-        if not self._current:
-            if not self.batches:
-                self.calls.append(0)
-                return []
-            self._current = list(self.batches.pop(0))
-            if not self._current:
-                self.calls.append(0)
-                return []
-        out, self._current = self._current[:num_messages], self._current[num_messages:]
         if not self._current and self.batches:
+            self._current = list(self.batches.pop(0))
+        out, self._current = self._current[:num_messages], self._current[num_messages:]
+        if out and not self._current and self.batches:
             self.batches.insert(0, [])  # the gap before the next fetch
         self.calls.append(len(out))
         return out
