@@ -34,7 +34,11 @@
 
    Targets: visible p99 <= raw p99 + 20 ms at every rate up to 50 %, <= 100 ms at 50 %; lookup
    p99 while ingesting at 50 % <= 1.5x idle. ``--profile`` adds the worker's per-stage time of
-   the apply path (``Ingestor.profile``) at each point.
+   the apply path (``Ingestor.profile``) at each point. ``--lookup-breakdown`` splits the
+   lookup load's time into its wait for the cache's lock (which includes the GIL waits of the
+   thread holding it, and its own after taking it) and the rest, and runs a GIL probe thread
+   (``time.sleep(0)`` every millisecond: how long a thread waits to get the GIL back).
+   ``--piece-rows`` / ``--stage-rows`` change the stream writer's piece sizes (numpy / cuda).
 
 Writes the JSON (``--out``) and an SVG plot of the curve beside it (same name, ``.svg``).
 
@@ -70,6 +74,7 @@ from streamhps.worker.ingest import BATCH_MESSAGES, POLL_TIMEOUT_S
 
 LOOKUP_KEYS = 1 << 16  # keys seeded before a latency run; the lookup load reads these
 LOOKUP_BATCH = 1024
+BREAKDOWN = False  # --lookup-breakdown: the lookup load's lock waits and a GIL probe
 PROBE_PERIOD_S = 0.005  # the ingest run's visibility probe
 
 
@@ -277,23 +282,79 @@ def raw_latency_run(cfg: Config, rate: float, seconds: float, keyspace: int) -> 
 
 
 class LookupLoad(threading.Thread):
-    """``lookup`` of LOOKUP_BATCH cached keys every ``interval`` s; latencies per phase."""
+    """``lookup`` of LOOKUP_BATCH cached keys every ``interval`` s; latencies per phase. With
+    ``breakdown``, also each lookup's wait for the cache's lock (the table's ``_lock`` wrapped
+    by :class:`TimedLock`), so that what remains is the lookup's own work plus its waits for
+    the GIL (and, on cuda, for the device stream)."""
 
-    def __init__(self, w: InferenceWorker, interval: float = 0.005) -> None:
+    def __init__(
+        self, w: InferenceWorker, interval: float = 0.005, breakdown: bool = False
+    ) -> None:
         super().__init__(daemon=True)
         self.w, self.interval = w, interval
         self.phase = "idle"
         self.samples: dict[str, list[float]] = {"idle": [], "ingest": []}
+        self.lock_wait: dict[str, list[float]] = {"idle": [], "ingest": []}
         self.stop_ = threading.Event()
+        self.timed: TimedLock | None = None
+        if breakdown:
+            cache = w._tables["emb"].cache
+            self.timed = TimedLock(cache._lock, self)
+            cache._lock = self.timed  # type: ignore[assignment]
 
     def run(self) -> None:
         rng = np.random.default_rng(7)
         while not self.stop_.is_set():
             keys = rng.integers(0, LOOKUP_KEYS, LOOKUP_BATCH)
+            if self.timed is not None:
+                self.timed.waited = 0.0
             t0 = time.perf_counter()
             self.w.lookup("emb", keys)
             self.samples[self.phase].append(time.perf_counter() - t0)
+            if self.timed is not None:
+                self.lock_wait[self.phase].append(self.timed.waited)
             time.sleep(self.interval)
+
+
+class TimedLock:
+    """A cache's lock, timing how long ``owner``'s thread waits to take it (bench only)."""
+
+    def __init__(self, lock: Any, owner: threading.Thread) -> None:
+        self._l, self._owner, self.waited = lock, owner, 0.0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if threading.current_thread() is not self._owner:
+            return self._l.acquire(blocking, timeout)
+        t0 = time.perf_counter()
+        got = self._l.acquire(blocking, timeout)
+        self.waited += time.perf_counter() - t0
+        return got
+
+    def release(self) -> None:
+        self._l.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self._l.release()
+
+
+class GilProbe(threading.Thread):
+    """How long a thread waits to get the GIL back: ``time.sleep(0)`` releases it and asks for
+    it again, every millisecond; samples per phase (bench only)."""
+
+    def __init__(self, load: LookupLoad) -> None:
+        super().__init__(daemon=True)
+        self.load = load
+        self.samples: dict[str, list[float]] = {"idle": [], "ingest": []}
+
+    def run(self) -> None:
+        while not self.load.stop_.is_set():
+            t0 = time.perf_counter()
+            time.sleep(0)
+            self.samples[self.load.phase].append(time.perf_counter() - t0)
+            time.sleep(0.001)
 
 
 def worker_latency_run(
@@ -313,8 +374,11 @@ def worker_latency_run(
         deadline = time.monotonic() + 60
         while w.stats()["ingest"]["rows"] < LOOKUP_KEYS and time.monotonic() < deadline:
             time.sleep(0.01)
-        load = LookupLoad(w)
+        load = LookupLoad(w, breakdown=BREAKDOWN)
         load.start()
+        gil = GilProbe(load) if BREAKDOWN else None
+        if gil is not None:
+            gil.start()
         # Idle: the lookup load beside the probe's own lookups (a key every millisecond), so
         # that ingest is the only difference between the idle and the ingest samples.
         t_idle = time.monotonic() + 1.0
@@ -371,9 +435,27 @@ def worker_latency_run(
         "lookup_samples": [int(idle.size), int(busy.size)],
         "rejected": stats.get("rejected", {}).get("count", 0),
         "first_miss_lookup_ms": first_miss_ms,
+        "lookup_breakdown": _breakdown(load, gil) if gil is not None else None,
         "split": split,
         "profile": prof if profile else None,
     }
+
+
+def _breakdown(load: LookupLoad, gil: GilProbe) -> dict[str, Any]:
+    """Per phase: lookup p50/p99, its lock wait p50/p99, the rest (lookup minus lock wait)
+    p50/p99, and the GIL probe's wait p50/p99/max (ms)."""
+    out: dict[str, Any] = {}
+    for ph in ("idle", "ingest"):
+        tot = np.asarray(load.samples[ph]) * 1e3
+        lw = np.asarray(load.lock_wait[ph][: tot.size]) * 1e3
+        g = np.asarray(gil.samples[ph]) * 1e3
+        rest = tot[: lw.size] - lw
+        out[ph] = {
+            "lookup": [_pct(tot, 50), _pct(tot, 99)], "lock_wait": [_pct(lw, 50), _pct(lw, 99)],
+            "rest": [_pct(rest, 50), _pct(rest, 99)],
+            "gil": [_pct(g, 50), _pct(g, 99), float(g.max()) if g.size else None],
+        }  # fmt: skip
+    return out
 
 
 def _wpct(x: np.ndarray, w: np.ndarray, q: float) -> float | None:
@@ -425,6 +507,14 @@ def _print_point(p: dict[str, Any], devices: list[str]) -> None:
               f"{_f(r['visible_p50_ms'])} p99 {_f(r['visible_p99_ms'])}  probe p99 "
               f"{_f(r['probe_p99_ms'])}  lookup p99 idle {_f(r['lookup_idle_p99_ms'], '.2f')} "
               f"ingest {_f(r['lookup_ingest_p99_ms'], '.2f')} ms", flush=True)  # fmt: skip
+        b = r.get("lookup_breakdown")
+        for ph in ("idle", "ingest") if b else ():
+            x = b[ph]
+            print(f"             {ph:>6} lookup p50/p99 {_f(x['lookup'][0], '.2f')} / "
+                  f"{_f(x['lookup'][1], '.2f')}  lock wait {_f(x['lock_wait'][0], '.2f')} / "
+                  f"{_f(x['lock_wait'][1], '.2f')}  rest {_f(x['rest'][0], '.2f')} / "
+                  f"{_f(x['rest'][1], '.2f')}  GIL probe p50/p99/max {_f(x['gil'][0], '.3f')} / "
+                  f"{_f(x['gil'][1], '.3f')} / {_f(x['gil'][2], '.2f')} ms", flush=True)  # fmt: skip
 
 
 def print_tables(res: dict[str, Any]) -> None:
@@ -582,8 +672,27 @@ def main() -> None:
         "--switch-interval", type=float, default=None,
         help="sys.setswitchinterval for this process (seconds; Python's default is 0.005)",
     )  # fmt: skip
+    ap.add_argument(
+        "--lookup-breakdown", action="store_true",
+        help="time the lookup load's waits for the cache lock, and a GIL probe thread's waits",
+    )  # fmt: skip
+    ap.add_argument("--piece-rows", type=int, default=None,
+                    help="rows per locked piece of a stream write (EmbeddingCache.write_piece_rows)")  # fmt: skip
+    ap.add_argument("--stage-rows", type=int, default=None,
+                    help="cuda: rows per staged host -> device copy (cuda_backend.STAGE_ROWS)")  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "staleness.json"))
     args = ap.parse_args()
+
+    global BREAKDOWN
+    BREAKDOWN = args.lookup_breakdown
+    if args.piece_rows is not None:
+        from streamhps.cache.base import EmbeddingCache
+
+        EmbeddingCache.write_piece_rows = args.piece_rows
+    if args.stage_rows is not None:
+        from streamhps.cache import cuda_backend
+
+        cuda_backend.STAGE_ROWS = args.stage_rows
 
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
