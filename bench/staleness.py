@@ -575,12 +575,15 @@ def print_tables(res: dict[str, Any]) -> None:
 def print_profile(prof: dict[str, Any]) -> None:
     wall = max(prof.get("wall_s", 0.0), 1e-9)
     rows = max(prof.get("rows", 0), 1)
-    print("| stage | seconds | % of its thread's wall | us per 1k rows |\n|---|---|---|---|")
+    longest = prof.get("longest", {})
+    print("| stage | seconds | % of its thread's wall | us per 1k rows | longest pass, ms |\n"
+          "|---|---|---|---|---|")  # fmt: skip
     for k, v in prof["stages"].items():
         if v:
-            print(f"| {k} | {v:.3f} | {v / wall:.1%} | {v / rows * 1e9:.1f} |")
+            print(f"| {k} | {v:.3f} | {v / wall:.1%} | {v / rows * 1e9:.1f} | "
+                  f"{longest.get(k, 0.0) * 1e3:.1f} |")  # fmt: skip
     print(f"| (wall, {prof.get('rows', 0):,} rows in {prof.get('batches', 0)} applies) | "
-          f"{wall:.3f} | | |")  # fmt: skip
+          f"{wall:.3f} | | | |")  # fmt: skip
 
 
 def write_svg(res: dict[str, Any], path: Path) -> None:

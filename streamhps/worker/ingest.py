@@ -52,13 +52,18 @@ FETCH_BITE_BYTES = 1 << 20
 #: returned messages; ``decode_validate``: wire decode and checks of every message. The apply
 #: thread: ``apply_idle``: waiting for a consumed batch; ``dedup_sort``: one row per key (a host
 #: sort of the batch's keys; for a cache that does not resolve repeated keys itself, the gather
-#: of the kept rows); ``window``: the window insert; ``cache``: the cache write, which holds the
+#: of the kept rows); ``window``: the window insert; ``window_merge``: the window's merges of
+#: the chunks inserted since the last ones, after the rows became visible (when no batch waits,
+#: or every ``MERGE_EVERY_CHUNKS``); ``cache``: the cache write, which holds the
 #: cache's lock against lookups (cuda: staging, host -> device copy and kernels); ``markers``:
 #: commit markers, positions and latency records; ``fills``: read-through fills;
 #: ``store_refresh``: the store's offsets and window pruning. Each thread's stages add up to
 #: the wall time.
-STAGES = ("poll_idle", "poll", "decode_validate", "apply_idle", "dedup_sort", "window", "cache",
-          "markers", "fills", "store_refresh")  # fmt: skip
+STAGES = ("poll_idle", "poll", "decode_validate", "apply_idle", "dedup_sort", "window",
+          "window_merge", "cache", "markers", "fills", "store_refresh")  # fmt: skip
+#: window chunks inserted unmerged after which the ingest thread merges them even while
+#: batches wait (bounds the chunks a miss searches, and the merge work left for one round)
+MERGE_EVERY_CHUNKS = 8
 #: consumed batches the fetch thread may hold ready while the apply thread is busy
 QUEUED_BATCHES = 2
 DenseCallback = Callable[[int, dict[str, np.ndarray]], None]
@@ -174,14 +179,20 @@ class StageTimes:
 
     def reset(self) -> None:
         self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.longest = dict.fromkeys(STAGES, 0.0)  # the longest single pass through each stage
         self.rows = 0
         self.applies = 0
         self.t0 = time.perf_counter()
 
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] += seconds
+        if seconds > self.longest[stage]:
+            self.longest[stage] = seconds
+
     def snapshot(self) -> dict[str, Any]:
         return {
-            "stages": dict(self.seconds), "wall_s": time.perf_counter() - self.t0,
-            "rows": self.rows, "batches": self.applies,
+            "stages": dict(self.seconds), "longest": dict(self.longest),
+            "wall_s": time.perf_counter() - self.t0, "rows": self.rows, "batches": self.applies,
         }  # fmt: skip
 
 
@@ -289,18 +300,18 @@ class Ingestor:
             log.exception("worker fetch thread failed; the worker is not ready from now on")
 
     def _apply_round(self) -> None:
-        prof = self.profile.seconds
         t0 = time.perf_counter()
         try:
             batch: ConsumedBatch | None = self._batches.get(timeout=self.poll_timeout_s)
         except queue.Empty:
             batch = None
-        prof["apply_idle"] += time.perf_counter() - t0
+        self.profile.add("apply_idle", time.perf_counter() - t0)
         if batch is not None:
             for _ in range(self._batches.qsize()):  # behind: catch up in one larger apply
                 with contextlib.suppress(queue.Empty):
                     batch.extend(self._batches.get_nowait())
             self._apply_batch(batch)
+            self._merge_windows(force=False)
         self._after_apply()
 
     def step(self) -> int:
@@ -308,22 +319,35 @@ class Ingestor:
         batch = self._fetch()
         if batch is not None:
             self._apply_batch(batch)
+            self._merge_windows(force=True)
         now = time.monotonic()
         if now - self._last_watermarks >= self.store_refresh_s:
             self._read_watermarks(now)
         self._after_apply()
         return batch.messages if batch is not None else 0
 
+    def _merge_windows(self, force: bool) -> None:
+        """The window merges of the rows just made visible: now if ``force``, no batch waits,
+        or a window holds ``MERGE_EVERY_CHUNKS`` unmerged chunks; else after a later batch."""
+        windows = [st.window for st in self.tables.values() if st.window.pending]
+        if not windows or not (
+            force or self._batches.empty() or any(w.pending >= MERGE_EVERY_CHUNKS for w in windows)
+        ):
+            return
+        t0 = time.perf_counter()
+        for w in windows:
+            w.compact()
+        self.profile.add("window_merge", time.perf_counter() - t0)
+
     def _after_apply(self) -> None:
         """Read-through fills, then (every ``store_refresh_s``) the store's progress."""
-        prof = self.profile.seconds
         t1 = time.perf_counter()
         self._apply_fills()
         t2 = time.perf_counter()
-        prof["fills"] += t2 - t1
+        self.profile.add("fills", t2 - t1)
         if time.monotonic() - self._last_store_refresh >= self.store_refresh_s:
             self.refresh_store()
-        prof["store_refresh"] += time.perf_counter() - t2
+        self.profile.add("store_refresh", time.perf_counter() - t2)
 
     def _read_watermarks(self, now: float) -> None:
         """Hand the consumer's cached high watermarks (from its last fetches) to the tracker.
@@ -365,7 +389,6 @@ class Ingestor:
     def _fetch(self) -> ConsumedBatch | None:
         """One consume round, decoded and checked (fetch side; the only caller of the
         consumer once the worker runs); None when nothing came."""
-        prof = self.profile.seconds
         t0 = time.perf_counter()
         try:
             msgs = consume_batch(
@@ -375,7 +398,7 @@ class Ingestor:
             self._kafka_error(e.args[0] if e.args else e)
             msgs = []
         t1 = time.perf_counter()
-        prof["poll" if msgs else "poll_idle"] += t1 - t0
+        self.profile.add("poll" if msgs else "poll_idle", t1 - t0)
         if not msgs:
             return None
         batch = ConsumedBatch(messages=len(msgs))
@@ -418,7 +441,7 @@ class Ingestor:
             self._read_watermark(self.tables[name], part)
         mean = (c.bytes - bytes_before) / len(msgs)
         self._bite = max(1, min(self.batch_messages, int(FETCH_BITE_BYTES // max(mean, 1.0))))
-        prof["decode_validate"] += time.perf_counter() - t1
+        self.profile.add("decode_validate", time.perf_counter() - t1)
         return batch
 
     def _apply_batch(self, batch: ConsumedBatch) -> None:
@@ -440,13 +463,12 @@ class Ingestor:
             self._record_latency(
                 time.time() - published, pub[:, 1].astype(np.int64), pub[:, 2] - published
             )
-        self.profile.seconds["markers"] += time.perf_counter() - t0
+        self.profile.add("markers", time.perf_counter() - t0)
 
     def _apply_rows(self, st: TableState, parts: Parts) -> None:
         """One window insert and one cache write for the rows of all ``parts`` (messages) of a
         table. Vectors are not copied on the host: the window keeps the decoded messages'
         arrays, and a cache that resolves repeated keys itself (cuda) takes them as they are."""
-        prof = self.profile.seconds
         t0 = time.perf_counter()
         sources = [p[2] for p in parts]
         if len(parts) == 1:
@@ -479,15 +501,18 @@ class Ingestor:
         t1 = time.perf_counter()
         # Window before cache: a lookup that misses the cache after this point finds the row
         # here, and a fill applied later on this thread is checked against it.
-        st.window.add(uk, uv, sources, partitions[sel], offsets[sel], src=src[sel], row=row[sel])
+        st.window.add(
+            uk, uv, sources, partitions[sel], offsets[sel], src=src[sel], row=row[sel],
+            compact=False,
+        )  # fmt: skip
         t2 = time.perf_counter()
         # No count back: the cuda cache enqueues without waiting for the device (later lookups
         # are ordered after it on its stream); the numpy cache writes in lock-sized pieces.
         st.cache.upsert_async(*rows, insert=st.spec.insert_on_update)
         t3 = time.perf_counter()
-        prof["dedup_sort"] += t1 - t0
-        prof["window"] += t2 - t1
-        prof["cache"] += t3 - t2
+        self.profile.add("dedup_sort", t1 - t0)
+        self.profile.add("window", t2 - t1)
+        self.profile.add("cache", t3 - t2)
         self.profile.rows += n
         self.profile.applies += 1
         st.rows += n

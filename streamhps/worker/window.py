@@ -132,6 +132,7 @@ class RecentRows:
         # Next offset the store holds per partition; 0 = none, so nothing is pruned.
         self._store_next = np.zeros(partitions, dtype=np.int64)
         self.epoch = 0  # grows whenever rows leave the window (readers use it to detect races)
+        self._pending = 0  # chunks added with compact=False, not merged yet
 
     # ---------------------------------------------------------------- writer (ingest thread)
 
@@ -145,12 +146,16 @@ class RecentRows:
         *,
         src: np.ndarray | None = None,
         row: np.ndarray | None = None,
+        compact: bool = True,
     ) -> None:
         """Add rows already reduced by :func:`latest_rows` (sorted, one row per key).
 
         ``vectors``: the rows' vectors aligned with ``keys``; or the arrays they are in, with
         ``src``/``row`` giving each key's array and row (no copy: the window keeps the arrays,
-        which must not change afterwards)."""
+        which must not change afterwards). ``compact=False`` leaves the merges of the new
+        chunk into the older ones to a later :meth:`compact` (the worker's ingest thread does
+        them after the rows became visible, when no batch waits: the merges of small batches
+        were most of the window's time on the way from consumed to visible)."""
         n = keys.shape[0]
         if n == 0:
             return
@@ -166,6 +171,34 @@ class RecentRows:
             Chunk(keys, versions, partitions.astype(np.int32, copy=False), offsets,
                   src.astype(np.int32, copy=False), row, sources, max_off),
         ]  # fmt: skip
+        if compact:
+            self._merge_tail(chunks)
+        else:
+            self._pending += 1
+        self._chunks = tuple(chunks)
+
+    def compact(self) -> int:
+        """Merge the chunks :meth:`add` left unmerged, as if each had been merged when added;
+        returns how many were pending."""
+        pending, self._pending = self._pending, 0
+        if not pending:
+            return 0
+        chunks: list[Chunk] = []
+        for c in self._chunks:
+            chunks.append(c)
+            self._merge_tail(chunks)
+        self._chunks = tuple(chunks)
+        return pending
+
+    @property
+    def pending(self) -> int:
+        """Chunks added without their merges (:meth:`compact` does them)."""
+        return self._pending
+
+    def _merge_tail(self, chunks: list[Chunk]) -> None:
+        """Merge the last chunk into the ones before it while the younger of the two last
+        holds at least half the older's rows (a binary counter: each row is merged about
+        log2(merge_cap / batch rows) times, and the window holds few chunks), up to ``merge_cap``."""
         while (
             len(chunks) >= 2
             and chunks[-2].rows <= 2 * chunks[-1].rows
@@ -173,7 +206,6 @@ class RecentRows:
         ):
             merged = self._merge(chunks[-2], chunks[-1])
             chunks[-2:] = [merged] if merged is not None else []
-        self._chunks = tuple(chunks)
 
     def prune(self, store_next: np.ndarray) -> int:
         """Forget rows the store holds (``offset < store_next[partition]``); returns chunks dropped."""
@@ -187,6 +219,7 @@ class RecentRows:
 
     def clear(self) -> None:
         self._chunks = ()
+        self._pending = 0
         self.epoch += 1
 
     def _merge(self, older: Chunk, newer: Chunk) -> Chunk | None:

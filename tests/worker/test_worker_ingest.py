@@ -138,3 +138,43 @@ def test_large_messages_are_consumed_in_bites_of_about_a_megabyte() -> None:
     assert ing.step() == 10  # everything that was there, in one apply
     assert max(consumer.calls) == per_call, consumer.calls
     assert st.cache.get_versions(keys)[0].min() == 11
+
+
+def test_window_merges_wait_until_the_rows_are_visible_and_no_batch_waits() -> None:
+    """The window's merges of small batches were most of the window's share of consumed ->
+    visible: the apply thread inserts each batch's chunk unmerged, makes the rows visible, and
+    merges afterwards, when no batch waits, or once MERGE_EVERY_CHUNKS chunks are pending while
+    batches keep coming (the chunks a miss searches stay bounded)."""
+    from streamhps.worker.ingest import MERGE_EVERY_CHUNKS, ConsumedBatch
+
+    keys = _keys_of(0, 64)
+    vec = np.ones((keys.shape[0], SPEC.dim), np.float32)
+    msgs = [
+        [FakeMessage(TOPIC, 0, off, wire.encode_update("user", keys, vec, off + 1, partition=0))]
+        for off in range(MERGE_EVERY_CHUNKS + 2)
+    ]
+    ing, st = _ingestor([])
+    ing.consumer = FakeConsumer(msgs)
+    ing._batches.put(ConsumedBatch())  # a batch waits: merges are put off
+    for i in range(MERGE_EVERY_CHUNKS - 1):
+        batch = ing._fetch()
+        assert batch is not None
+        ing._apply_batch(batch)
+        ing._merge_windows(force=False)
+        assert st.window.pending == i + 1  # visible, not merged
+        _, ver, found = st.window.get(keys)
+        assert found.all() and (ver == i + 1).all()
+        _, hit = st.cache.lookup(keys)
+        assert hit.all()
+    batch = ing._fetch()
+    assert batch is not None
+    ing._apply_batch(batch)
+    ing._merge_windows(force=False)  # the MERGE_EVERY_CHUNKS-th pending chunk: merged now
+    assert st.window.pending == 0 and st.window.chunks == 1
+    ing._batches.get_nowait()  # nothing waits any more: the next batch's chunk merges at once
+    batch = ing._fetch()
+    assert batch is not None
+    ing._apply_batch(batch)
+    ing._merge_windows(force=False)
+    assert st.window.pending == 0
+    assert ing.profile.seconds["window_merge"] > 0

@@ -9,15 +9,16 @@ from hypothesis import strategies as st
 from streamhps.worker.window import MERGE_CAP, RecentRows, latest_rows
 
 
-def _add(w: RecentRows, keys, versions, part: int, offset: int) -> None:
+def _add(w: RecentRows, keys, versions, part: int, offset: int, compact: bool = True) -> None:
     keys = np.asarray(keys, dtype=np.int64)
     versions = np.asarray(versions, dtype=np.int64)
     vec = np.repeat(versions[:, None].astype(np.float32), w.dim, axis=1)
     sel = latest_rows(keys, versions)
     n = sel.shape[0]
     w.add(
-        keys[sel], versions[sel], vec[sel], np.full(n, part, np.int32), np.full(n, offset, np.int64)
-    )
+        keys[sel], versions[sel], vec[sel], np.full(n, part, np.int32),
+        np.full(n, offset, np.int64), compact=compact,
+    )  # fmt: skip
 
 
 def test_latest_rows_keeps_highest_version_sorted() -> None:
@@ -75,25 +76,32 @@ def test_chunk_count_stays_logarithmic() -> None:
     ),
     st.integers(0, 30),
     st.sampled_from([MERGE_CAP, 4]),
+    st.sampled_from([0, 1, 3]),
 )
 def test_window_matches_a_dict_model(
-    batches: list[tuple[list[int], int]], stored_upto: int, merge_cap: int
+    batches: list[tuple[list[int], int]], stored_upto: int, merge_cap: int, merge_every: int
 ) -> None:
     """Whatever the merge pattern, get() returns the newest version of a key among rows not yet
     stored, or a newer one the store holds already (chunks leave the window whole); a key is
     absent only if the store holds it at a version no older than any unstored row of it (a
-    merge keeps a key's newest row, so an older unstored row behind a newer stored one goes)."""
+    merge keeps a key's newest row, so an older unstored row behind a newer stored one goes).
+    ``merge_every``: 0 merges on add; k > 0 adds unmerged and compacts every k adds (as the
+    worker's ingest thread does), before and after the prune."""
     w = RecentRows(dim=1, dtype=np.float32, partitions=1, merge_cap=merge_cap)
     newest: dict[int, int] = {}  # key -> highest version of any row
     unstored: dict[int, int] = {}  # key -> highest version among rows at offsets >= stored_upto
     stored: dict[int, int] = {}  # key -> highest version among rows the store holds
     for off, (keys, version) in enumerate(batches):
-        _add(w, keys, [version] * len(keys), part=0, offset=off)
+        _add(w, keys, [version] * len(keys), part=0, offset=off, compact=not merge_every)
+        if merge_every and off % merge_every == merge_every - 1:
+            w.compact()
         for k in keys:
             newest[k] = max(newest.get(k, 0), version)
             held = unstored if off >= stored_upto else stored
             held[k] = max(held.get(k, 0), version)
     w.prune(np.array([stored_upto]))
+    w.compact()
+    assert w.pending == 0
     q = np.arange(41, dtype=np.int64)
     vec, ver, found = w.get(q)
     for k in range(41):
@@ -103,6 +111,32 @@ def test_window_matches_a_dict_model(
         else:
             # an unstored row is never lost unless the store holds the key at least as new
             assert k not in unstored or stored.get(k, 0) >= unstored[k], k
+
+
+def test_deferred_merges_leave_the_chunks_that_merges_on_add_leave() -> None:
+    """The ingest thread adds unmerged and compacts later: the same chunks, the same rows, and
+    every row readable before the compaction too."""
+    rng = np.random.default_rng(3)
+    now = RecentRows(dim=2, dtype=np.float32, partitions=1, merge_cap=256)
+    later = RecentRows(dim=2, dtype=np.float32, partitions=1, merge_cap=256)
+    for i in range(300):
+        keys = rng.integers(0, 500, int(rng.integers(1, 40)))
+        _add(now, keys, np.full(keys.size, i + 1), part=0, offset=i)
+        _add(later, keys, np.full(keys.size, i + 1), part=0, offset=i, compact=False)
+        if i % 7 == 6:
+            q = np.arange(500, dtype=np.int64)
+            assert later.pending > 0
+            np.testing.assert_array_equal(later.get(q)[1], now.get(q)[1])
+            assert later.compact() == 7 and later.pending == 0
+            assert [c.keys.tolist() for c in later._chunks] == [
+                c.keys.tolist() for c in now._chunks
+            ]
+    later.compact()
+    assert [c.versions.tolist() for c in later._chunks] == [
+        c.versions.tolist() for c in now._chunks
+    ]
+    q = np.arange(500, dtype=np.int64)
+    np.testing.assert_array_equal(later.get(q)[0], now.get(q)[0])
 
 
 def test_merges_stop_at_the_cap_and_full_chunks_leave_as_the_store_catches_up() -> None:
