@@ -53,9 +53,10 @@ FETCH_BITE_BYTES = 1 << 20
 #: thread: ``apply_idle``: waiting for a consumed batch; ``dedup_sort``: one row per key (a host
 #: sort of the batch's keys; for a cache that does not resolve repeated keys itself, the gather
 #: of the kept rows); ``window``: the window insert; ``window_merge``: the window's merges of
-#: the chunks inserted since the last ones, after the rows became visible (when no batch waits,
-#: or every ``MERGE_EVERY_CHUNKS``); ``cache``: the cache write, which holds the
-#: cache's lock against lookups (cuda: staging, host -> device copy and kernels); ``markers``:
+#: the chunks inserted since the last ones, after the rows became visible (one at a time while
+#: no batch waits, all at once every ``MERGE_EVERY_CHUNKS``); ``cache``: the cache write,
+#: which holds the cache's lock against lookups (cuda: staging, host -> device copy and
+#: kernels); ``markers``:
 #: commit markers, positions and latency records; ``fills``: read-through fills;
 #: ``store_refresh``: the store's offsets and window pruning. Each thread's stages add up to
 #: the wall time.
@@ -327,16 +328,19 @@ class Ingestor:
         return batch.messages if batch is not None else 0
 
     def _merge_windows(self, force: bool) -> None:
-        """The window merges of the rows just made visible: now if ``force``, no batch waits,
-        or a window holds ``MERGE_EVERY_CHUNKS`` unmerged chunks; else after a later batch."""
-        windows = [st.window for st in self.tables.values() if st.window.pending]
-        if not windows or not (
-            force or self._batches.empty() or any(w.pending >= MERGE_EVERY_CHUNKS for w in windows)
-        ):
+        """The window merges of the rows just made visible: all of them if ``force`` or once a
+        window holds ``MERGE_EVERY_CHUNKS`` unmerged chunks; else one merge at a time while no
+        batch waits (a batch that comes waits for one merge, not for a cascade of them)."""
+        windows = [st.window for st in self.tables.values() if not st.window.merged]
+        if not windows:
             return
         t0 = time.perf_counter()
-        for w in windows:
-            w.compact()
+        if force or any(w.pending >= MERGE_EVERY_CHUNKS for w in windows):
+            for w in windows:
+                w.compact()
+        else:
+            while windows and self._batches.empty():
+                windows = [w for w in windows if not w.compact(merges=1)]
         self.profile.add("window_merge", time.perf_counter() - t0)
 
     def _after_apply(self) -> None:

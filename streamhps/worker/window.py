@@ -132,7 +132,7 @@ class RecentRows:
         # Next offset the store holds per partition; 0 = none, so nothing is pruned.
         self._store_next = np.zeros(partitions, dtype=np.int64)
         self.epoch = 0  # grows whenever rows leave the window (readers use it to detect races)
-        self._pending = 0  # chunks added with compact=False, not merged yet
+        self._settled = 0  # leading chunks merged as on add; the rest await compact()
 
     # ---------------------------------------------------------------- writer (ingest thread)
 
@@ -171,55 +171,63 @@ class RecentRows:
             Chunk(keys, versions, partitions.astype(np.int32, copy=False), offsets,
                   src.astype(np.int32, copy=False), row, sources, max_off),
         ]  # fmt: skip
+        self._chunks = tuple(chunks)
         if compact:
-            self._merge_tail(chunks)
-        else:
-            self._pending += 1
-        self._chunks = tuple(chunks)
+            self.compact()
 
-    def compact(self) -> int:
-        """Merge the chunks :meth:`add` left unmerged, as if each had been merged when added;
-        returns how many were pending."""
-        pending, self._pending = self._pending, 0
-        if not pending:
-            return 0
-        chunks: list[Chunk] = []
-        for c in self._chunks:
-            chunks.append(c)
-            self._merge_tail(chunks)
-        self._chunks = tuple(chunks)
-        return pending
+    def compact(self, merges: int | None = None) -> bool:
+        """Do the merges :meth:`add` left (``compact=False``), in the order merges on add do
+        them: the chunks end as if each had been merged when it was added. At most ``merges``
+        merges (``None``: all), so that a caller can stop between two; returns True when none
+        is left."""
+        chunks = list(self._chunks)
+        settled, done = self._settled, 0
+        while True:
+            if settled >= 2 and self._mergeable(chunks[settled - 2], chunks[settled - 1]):
+                if merges is not None and done >= merges:
+                    break
+                merged = self._merge(chunks[settled - 2], chunks[settled - 1])
+                chunks[settled - 2 : settled] = [merged] if merged is not None else []
+                settled -= 1 if merged is not None else 2
+                done += 1
+            elif settled < len(chunks):
+                settled += 1  # the next chunk added unmerged: merged into the ones before
+            else:
+                break
+        self._chunks, self._settled = tuple(chunks), settled
+        return self.merged
 
     @property
     def pending(self) -> int:
-        """Chunks added without their merges (:meth:`compact` does them)."""
-        return self._pending
+        """Chunks added unmerged that :meth:`compact` has not reached yet."""
+        return len(self._chunks) - self._settled
 
-    def _merge_tail(self, chunks: list[Chunk]) -> None:
-        """Merge the last chunk into the ones before it while the younger of the two last
-        holds at least half the older's rows (a binary counter: each row is merged about
-        log2(merge_cap / batch rows) times, and the window holds few chunks), up to ``merge_cap``."""
-        while (
-            len(chunks) >= 2
-            and chunks[-2].rows <= 2 * chunks[-1].rows
-            and chunks[-2].rows + chunks[-1].rows <= self.merge_cap
-        ):
-            merged = self._merge(chunks[-2], chunks[-1])
-            chunks[-2:] = [merged] if merged is not None else []
+    @property
+    def merged(self) -> bool:
+        """No merge left to do (:meth:`compact`)."""
+        c, s = self._chunks, self._settled
+        return s == len(c) and not (s >= 2 and self._mergeable(c[s - 2], c[s - 1]))
+
+    def _mergeable(self, older: Chunk, newer: Chunk) -> bool:
+        """A binary counter: the last two chunks merge while the younger holds at least half
+        the older's rows (each row is merged about log2(merge_cap / batch rows) times, and the
+        window holds few chunks), up to ``merge_cap`` rows."""
+        return older.rows <= 2 * newer.rows and older.rows + newer.rows <= self.merge_cap
 
     def prune(self, store_next: np.ndarray) -> int:
         """Forget rows the store holds (``offset < store_next[partition]``); returns chunks dropped."""
         self._store_next = np.asarray(store_next, dtype=np.int64)
-        keep = tuple(c for c in self._chunks if not bool(np.all(c.max_offset < self._store_next)))
-        dropped = len(self._chunks) - len(keep)
+        gone = [bool(np.all(c.max_offset < self._store_next)) for c in self._chunks]
+        dropped = sum(gone)
         if dropped:
-            self._chunks = keep
+            self._settled -= sum(gone[: self._settled])
+            self._chunks = tuple(c for c, g in zip(self._chunks, gone, strict=True) if not g)
             self.epoch += 1
         return dropped
 
     def clear(self) -> None:
         self._chunks = ()
-        self._pending = 0
+        self._settled = 0
         self.epoch += 1
 
     def _merge(self, older: Chunk, newer: Chunk) -> Chunk | None:

@@ -170,11 +170,11 @@ def test_window_merges_wait_until_the_rows_are_visible_and_no_batch_waits() -> N
     assert batch is not None
     ing._apply_batch(batch)
     ing._merge_windows(force=False)  # the MERGE_EVERY_CHUNKS-th pending chunk: merged now
-    assert st.window.pending == 0 and st.window.chunks == 1
+    assert st.window.merged and st.window.chunks == 1
     ing._batches.get_nowait()  # nothing waits any more: the next batch's chunk merges at once
     batch = ing._fetch()
     assert batch is not None
     ing._apply_batch(batch)
     ing._merge_windows(force=False)
-    assert st.window.pending == 0
+    assert st.window.merged
     assert ing.profile.seconds["window_merge"] > 0
