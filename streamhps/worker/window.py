@@ -22,7 +22,11 @@ the window is a list of full chunks (lookups search each; their count is window 
 that prune drops whole once the store holds their rows. Merging two sorted chunks is linear (a
 stable sort of two sorted runs is a merge). A chunk whose rows are all below the store's
 offsets is dropped whole. The ingest thread is the only writer; readers take the tuple as a
-snapshot without a lock (copy-on-write).
+snapshot without a lock (copy-on-write). The worker's ingest thread adds a batch's chunk
+unmerged (``add(..., compact=False)``) and does its merges (:meth:`RecentRows.compact`) after
+the batch's rows are visible, one merge at a time while no batch waits: the merge cascades of
+small batches were the window's share of consumed -> visible (on the H200 at 200-500 k rows/s,
+250-750 us per 1 000 rows on the apply thread, passes of up to 15 ms).
 """
 
 from __future__ import annotations
