@@ -13,6 +13,7 @@ The live view and the summary table are in :mod:`demo.view`; the command in :mod
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import subprocess
 import sys
@@ -273,7 +274,9 @@ def run_demo(opts: DemoOptions, console: Any = None) -> dict[str, Any]:
     finally:
         stop.set()
         if train_thread is not None:
-            train_thread.join(10)
+            # Ctrl-C inside start() leaves a thread that never started: nothing to wait for
+            with contextlib.suppress(RuntimeError):
+                train_thread.join(10)
         if trainer is not None:
             try:
                 trainer.close()

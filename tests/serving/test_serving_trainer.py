@@ -199,10 +199,23 @@ def test_train_cli_exits_cleanly_on_sigterm(bootstrap: str, prefix: str, tmp_pat
          "--steps-per-second", "50"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    time.sleep(8)
+    # SIGTERM once a commit and a dense update are on the stream (the CLI's start, imports
+    # included, took over 8 s on a loaded 2-core machine: a fixed sleep stopped it before its
+    # first commit)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4().hex[:8]}"})
+    c.assign([TopicPartition(f"{prefix}.user", 0, 0), TopicPartition(f"{prefix}.dense", 0, 0)])
+    marker = dense = False
+    deadline = time.monotonic() + 120
+    try:
+        while not (marker and dense) and time.monotonic() < deadline and proc.poll() is None:
+            m = c.poll(0.2)
+            if m is not None and not m.error():
+                msg = wire.decode(m.value())
+                marker, dense = marker or msg.is_marker, dense or msg.is_dense
+    finally:
+        c.close()
+    assert marker and dense and proc.poll() is None, (marker, dense, proc.poll())
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out[-2000:]
     assert "published" in out and "commits" in out
-    msgs = _consume_all(bootstrap, {f"{prefix}.user": 1, f"{prefix}.dense": 1})
-    assert any(m.is_marker for m in msgs) and any(m.is_dense for m in msgs)
