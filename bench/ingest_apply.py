@@ -10,6 +10,9 @@
 3. **Lookup beside the stream writer** (numpy cache): p50/p99 of a 1024-key ``lookup`` every
    5 ms while another thread writes ``--write-rows``-row batches through ``upsert_async`` every
    20 ms, beside the same lookups with no writer (the ceiling), and the writer's ns per row.
+   ``--gil-load N`` adds N threads of interpreted work to both phases (a worker's fetch thread
+   wants the GIL too: a writer that held the cache lock while waiting for the GIL held every
+   lookup with it).
 
     python bench/ingest_apply.py [--out bench/results/ingest_apply.json]
 """
@@ -81,7 +84,7 @@ def hot_keys(dim: int, per_msg: int = 512, messages: int = 64) -> dict[str, Any]
 
 
 def lookups_beside_writer(
-    dim: int, write_rows: int, seconds: float, piece_rows: int | None
+    dim: int, write_rows: int, seconds: float, piece_rows: int | None, gil_load: int = 0
 ) -> dict[str, Any]:
     cache = NumpyCache(1 << 21, dim)
     if piece_rows:
@@ -90,7 +93,8 @@ def lookups_beside_writer(
     cache.upsert(seed, np.ones((seed.shape[0], dim), np.float32), np.ones(seed.shape[0], np.int64))
     rng = np.random.default_rng(0)
     vals = rng.standard_normal((write_rows, dim), dtype=np.float32)
-    out: dict[str, Any] = {"write_rows": write_rows, "piece_rows": cache.write_piece_rows}
+    out: dict[str, Any] = {"write_rows": write_rows, "piece_rows": cache.write_piece_rows,
+                           "gil_load": gil_load}  # fmt: skip
     for phase in ("idle", "writing"):
         stop = threading.Event()
         lat: list[float] = []
@@ -106,6 +110,9 @@ def lookups_beside_writer(
 
         th = threading.Thread(target=look)
         th.start()
+        busy = [threading.Thread(target=_python_load, args=(stop,)) for _ in range(gil_load)]
+        for b in busy:
+            b.start()
         t_end, wrote, write_s, version = time.monotonic() + seconds, 0, 0.0, 2
         while time.monotonic() < t_end:
             if phase == "writing":
@@ -118,12 +125,26 @@ def lookups_beside_writer(
             time.sleep(0.02)
         stop.set()
         th.join()
+        for b in busy:
+            b.join()
         a = np.asarray(lat) * 1e3
         out[phase] = {"lookup_p50_ms": float(np.percentile(a, 50)),
                       "lookup_p99_ms": float(np.percentile(a, 99)), "lookups": int(a.size)}  # fmt: skip
         if wrote:
             out[phase]["write_ns_per_row"] = write_s / wrote * 1e9
     return out
+
+
+def _python_load(stop: threading.Event) -> None:
+    """A stand-in for the worker's fetch thread: ~0.5 ms of interpreted work, then ~0.5 ms
+    asleep, so that the GIL is handed over as it is in a worker that ingests."""
+    d: dict[int, int] = {}
+    while not stop.is_set():
+        t_end = time.perf_counter() + 0.0005
+        while time.perf_counter() < t_end:
+            for i in range(50):
+                d[i] = d.get(i, 0) + 1
+        time.sleep(0.0005)
 
 
 def main() -> None:
@@ -137,6 +158,8 @@ def main() -> None:
     ap.add_argument("--piece-rows", type=int, nargs="+", default=[0],
                     help="write_piece_rows to try (0: the default)")  # fmt: skip
     ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--gil-load", type=int, default=0,
+                    help="threads of interpreted work beside the lookups (as a worker's fetch thread)")  # fmt: skip
     ap.add_argument("--switch-interval", type=float, default=0.0001,
                     help="sys.setswitchinterval, as a worker sets it (serving.switch_interval_ms)")  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ingest_apply.json"))
@@ -156,11 +179,11 @@ def main() -> None:
           f"live rows ({h['live_bytes']:,} B): window holds {h['held_bytes']:,} B "
           f"(every message whole: {h['all_messages_bytes']:,} B)")  # fmt: skip
     res["lookups"] = [
-        lookups_beside_writer(args.dim, args.write_rows, args.seconds, pr or None)
+        lookups_beside_writer(args.dim, args.write_rows, args.seconds, pr or None, args.gil_load)
         for pr in args.piece_rows
     ]
     print(f"\nnumpy cache lookup (1024 keys every 5 ms) beside upsert_async of {args.write_rows:,} "
-          "rows every 20 ms")  # fmt: skip
+          f"rows every 20 ms; {args.gil_load} thread(s) of interpreted work beside both phases")  # fmt: skip
     print("| pieces of | phase | lookup p50 ms | lookup p99 ms | writer ns/row |")
     print("|---|---|---|---|---|")
     for lk in res["lookups"]:

@@ -80,7 +80,14 @@ def memory_estimate(rows: int, dim: int, dtype: Any = "float32", backend: str = 
     total = slots * (row_bytes + SLOT_OVERHEAD_BYTES)
     if backend == "cuda":
         total += nb * 4 + 64  # a spin lock per bucket, the device counters
+    else:
+        total += HOST_GATE_BYTES
     return total
+
+
+#: the numpy backend's gate and the counters its gated calls keep (host_kernels.GATE_WORDS +
+#: host_kernels.COUNTERS int64 words)
+HOST_GATE_BYTES = (16 + 4) * 8
 
 
 def hash_keys(keys: np.ndarray, n_buckets: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,6 +131,7 @@ class EmbeddingCache(abc.ABC):
         self.dtype = storage_dtype(dtype)
         self.policy = policy
         self._lock = threading.RLock()
+        self._book = threading.Lock()  # size and counts (a backend may write without _lock)
         self._reader_waiting = False  # set by a reader that found the lock taken (_reading)
         self._writer_returning = False  # a stream writer yielded to readers, takes the lock back
         self._clock = 0  # operation counter: LRU time, LFU recency, "written by this call"
@@ -213,7 +221,11 @@ class EmbeddingCache(abc.ABC):
         pieces; a piece's rows are a view of one array of the list where they lie in one (the
         batch is never stacked whole: tens of MB of fresh pages per apply)."""
         n = int(np.shape(keys)[0])
-        write = self._piece_writer(keys, values, versions, n, insert)
+        self._write_pieces(self._piece_writer(keys, values, versions, n, insert), n)
+
+    def _write_pieces(self, write: Callable[[int, int], Any], n: int) -> None:
+        """``write(lo, hi)`` for each piece of ``write_piece_rows`` rows, each under the lock,
+        fair to the readers waiting for it."""
         step = self.write_piece_rows
         for lo in range(0, n, step) if n > step else [0]:
             if lo and self._reader_waiting:
@@ -270,15 +282,17 @@ class EmbeddingCache(abc.ABC):
         """Remove ``keys``; returns how many distinct keys were present."""
         with self._lock:
             removed = int(self._evict(self._keys(keys)))
-            self._size -= removed
-            self._counts["removed"] += removed
+            with self._book:
+                self._size -= removed
+                self._counts["removed"] += removed
             return removed
 
     def clear(self) -> None:
         """Drop every row (statistics other than size are kept)."""
         with self._lock:
             self._clear()
-            self._size = 0
+            with self._book:
+                self._size = 0
 
     def __len__(self) -> int:
         return self._size
@@ -318,12 +332,13 @@ class EmbeddingCache(abc.ABC):
     def _count(self, c: dict[str, int], n_rows: int) -> int:
         inserted = c["inserted_empty"] + c["evictions"]
         applied = inserted + c["updates"]
-        self._size += c["inserted_empty"]
-        self._counts["inserts"] += inserted
-        self._counts["updates"] += c["updates"]
-        self._counts["evictions"] += c["evictions"]
-        self._counts["dropped"] += c["dropped"]
-        self._counts["stale_rejected"] += n_rows - applied - c["dropped"] - c["absent"]
+        with self._book:
+            self._size += c["inserted_empty"]
+            self._counts["inserts"] += inserted
+            self._counts["updates"] += c["updates"]
+            self._counts["evictions"] += c["evictions"]
+            self._counts["dropped"] += c["dropped"]
+            self._counts["stale_rejected"] += n_rows - applied - c["dropped"] - c["absent"]
         return applied
 
     @abc.abstractmethod

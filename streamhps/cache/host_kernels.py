@@ -28,7 +28,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +122,15 @@ def warm(word: np.dtype) -> None:
         hit = np.empty(1, dtype=np.bool_)
         lookup(keys, 1, dw, ktab, vals, score, out, hit, 2, False)
         assert hit[0] and slot[0] >= 0, "host_kernels.warm: the one-key table lost its key"
+        gate, ctr = np.zeros(GATE_WORDS, dtype=np.int64), np.zeros(COUNTERS, dtype=np.int64)
+        lookup_gated(keys, 1, dw, ktab, vals, score, out, hit, False, gate, ctr)
+        for insert in (True, False):
+            upsert_distinct_gated(
+                keys, versions, rows, src, 1, dig, dw, ktab, ver, score, stamp, vals, insert,
+                False, gate, ctr,
+            )  # fmt: skip
+        assert gate_try_enter(gate), "host_kernels.warm: the gate was left taken"
+        gate_leave(gate)
         _warmed.add(word)
 
 
@@ -354,3 +366,155 @@ def upsert_distinct(
             vals, now, new_score,
         )  # fmt: skip
     return updates, absent, empty, evicted, dropped
+
+
+# ---------------------------------------------------------------------- the gate
+#
+# The cache's lock for the two hot operations, taken and released inside compiled code: a
+# stream writer's piece and a lookup enter it and leave it without the GIL. With a Python lock
+# around a compiled call, the holder came back from the call and waited for the GIL before it
+# could release the lock, and every waiting reader waited with it (bench/staleness.py
+# --lookup-breakdown on the H200: lookups waited 1.2-2.0 ms p99 for a 1 024-row piece that
+# takes ~0.5 ms). A ticket lock: first come, first served, so a writer between two pieces goes
+# behind the readers that came meanwhile, and readers in a loop cannot starve it. A waiter spins
+# briefly, then yields its core each turn (a pure spin never finished on 2 cores: the next
+# ticket's owner was descheduled while the others spun).
+
+#: int64 words of a gate: [0] the next ticket, [GATE_SERVING] the ticket served (another
+#: cache line)
+GATE_WORDS, GATE_SERVING = 16, 8
+#: int64 counters the gated kernels keep: the operation clock, lookup positions, hits
+COUNTERS, CLOCK, LOOKED_UP, HITS = 4, 0, 1, 2
+_SPINS = 256  # busy turns before a waiter starts yielding its core
+
+
+def _item_ptr(context: Any, builder: Any, arrty: Any, arr: Any, idx: Any) -> Any:
+    ary = context.make_array(arrty)(context, builder, arr)
+    return cgutils.get_item_pointer(context, builder, arrty, ary, [idx])
+
+
+def _fetch_add_typing(typingctx: Any, arr: Any, idx: Any, val: Any) -> Any:
+    sig = types.int64(arr, types.intp, types.int64)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        ptr = _item_ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", ptr, args[2], "seq_cst")
+
+    return sig, codegen
+
+
+_fetch_add: Any = intrinsic(_fetch_add_typing)  # typed for the compiled callers only
+
+
+def _load_acquire_typing(typingctx: Any, arr: Any, idx: Any) -> Any:
+    sig = types.int64(arr, types.intp)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        ptr = _item_ptr(context, builder, sig.args[0], args[0], args[1])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return sig, codegen
+
+
+_load_acquire: Any = intrinsic(_load_acquire_typing)  # typed for the compiled callers only
+
+
+def _store_release_typing(typingctx: Any, arr: Any, idx: Any, val: Any) -> Any:
+    sig = types.void(arr, types.intp, types.int64)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        ptr = _item_ptr(context, builder, sig.args[0], args[0], args[1])
+        builder.store_atomic(args[2], ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+_store_release: Any = intrinsic(_store_release_typing)  # typed for the compiled callers only
+
+
+def _compare_exchange_typing(typingctx: Any, arr: Any, idx: Any, expected: Any, new: Any) -> Any:
+    sig = types.boolean(arr, types.intp, types.int64, types.int64)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        ptr = _item_ptr(context, builder, sig.args[0], args[0], args[1])
+        res = builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst")
+        return builder.extract_value(res, 1)
+
+    return sig, codegen
+
+
+_compare_exchange: Any = intrinsic(_compare_exchange_typing)  # typed for the compiled callers only
+
+
+def _yield_core_typing(typingctx: Any) -> Any:
+    sig = types.int32()
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        fnty = ir.FunctionType(ir.IntType(32), [])
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "sched_yield"), [])
+
+    return sig, codegen
+
+
+_yield_core: Any = intrinsic(_yield_core_typing)  # typed for the compiled callers only
+
+
+@_kernel
+def gate_enter(gate):
+    """Take a ticket and wait for it to be served."""
+    ticket = _fetch_add(gate, 0, 1)
+    spins = 0
+    while _load_acquire(gate, GATE_SERVING) != ticket:
+        spins += 1
+        if spins > _SPINS:
+            _yield_core()
+
+
+@_kernel
+def gate_try_enter(gate):
+    """Enter only if nobody holds or waits for the gate; True when entered."""
+    serving = _load_acquire(gate, GATE_SERVING)
+    return _compare_exchange(gate, 0, serving, serving + 1)
+
+
+@_kernel
+def gate_leave(gate):
+    """Serve the next ticket (only the holder calls this)."""
+    _store_release(gate, GATE_SERVING, _load_acquire(gate, GATE_SERVING) + 1)
+
+
+@_kernel
+def lookup_gated(keys, n_buckets, dw, ktab, vals, score, out, hit, lfu, gate, ctr):
+    """:func:`lookup` inside the gate, the clock and the lookup counters (``ctr``) kept there
+    too. Returns the hits."""
+    n = keys.shape[0]
+    gate_enter(gate)
+    clock = ctr[CLOCK] + 1
+    ctr[CLOCK] = clock
+    ctr[LOOKED_UP] += n
+    hits = lookup(keys, n_buckets, dw, ktab, vals, score, out, hit, clock, lfu)
+    ctr[HITS] += hits
+    gate_leave(gate)
+    return hits
+
+
+@_kernel
+def upsert_distinct_gated(
+    keys, versions, values, by_key, n_buckets, dig, dw, ktab, ver, score, stamp, vals, insert,
+    lfu, gate, ctr,
+):  # fmt: skip
+    """:func:`upsert_distinct` inside the gate, with the next clock (the insert score from it:
+    lru the clock, lfu one use then the clock). Returns what it returns."""
+    gate_enter(gate)
+    clock = ctr[CLOCK] + 1
+    ctr[CLOCK] = clock
+    c = np.uint64(clock)
+    now = np.uint32(c & _LOW32)
+    new_score = ((_ONE << _S32) | (c & _LOW32)) if lfu else c
+    r = upsert_distinct(
+        keys, versions, values, by_key, n_buckets, dig, dw, ktab, ver, score, stamp, vals, now,
+        new_score, insert,
+    )  # fmt: skip
+    gate_leave(gate)
+    return r

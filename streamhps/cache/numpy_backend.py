@@ -5,30 +5,75 @@ The table is numpy arrays (keys and one-byte digests per bucket row of 32 ways, 
 compiled loops of :mod:`streamhps.cache.host_kernels`, which release the GIL while they run.
 Around them, numpy does what is whole-array by nature: choosing one row per key when a call
 repeats keys (the highest version, the later row on ties) and putting absent keys in key
-order, which decides who is dropped when a bucket runs out of ways. Thread safety: the base
-class's lock around every operation.
+order, which decides who is dropped when a bucket runs out of ways.
+
+Thread safety: one gate (:mod:`~streamhps.cache.host_kernels`' ticket lock) guards the table.
+A lookup and a stream writer's piece enter and leave it inside their compiled call, so neither
+holds it while waiting for the GIL; every other operation holds it for its whole length
+through ``_lock`` (:class:`GatedLock`: the base class's re-entrant lock, then the gate). The
+operation clock and the lookup counters live in an array the gated calls update inside the
+gate; sizes and counts in the base class's ``_book``.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from streamhps.cache import host_kernels as hk
-from streamhps.cache.base import SLOTS_PER_BUCKET, EmbeddingCache, rows_between
+from streamhps.cache.base import HOST_GATE_BYTES, SLOTS_PER_BUCKET, EmbeddingCache, rows_between
 from streamhps.errors import CacheError
 
 _EMPTY = np.iinfo(np.int64).min  # key stored in empty slots (occupancy is the digest's)
 _B = SLOTS_PER_BUCKET
 
 
+class GatedLock:
+    """The base class's re-entrant lock, plus the gate while held (first acquire enters it,
+    last release leaves it): what every operation but the two gated ones holds."""
+
+    def __init__(self, gate: np.ndarray) -> None:
+        self._rlock = threading.RLock()
+        self._gate = gate
+        self._depth = 0  # changed only by the thread holding _rlock
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if not self._rlock.acquire(blocking, timeout):
+            return False
+        if self._depth == 0:
+            if blocking:
+                hk.gate_enter(self._gate)
+            elif not hk.gate_try_enter(self._gate):
+                self._rlock.release()
+                return False
+        self._depth += 1
+        return True
+
+    def release(self) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            hk.gate_leave(self._gate)
+        self._rlock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 class NumpyCache(EmbeddingCache):
     backend = "numpy"
 
     def __init__(self, capacity: int, dim: int, dtype: Any = "float32", policy: str = "lru"):
+        self._gate = np.zeros(hk.GATE_WORDS, dtype=np.int64)
+        self._ctr = np.zeros(hk.COUNTERS, dtype=np.int64)  # clock, looked up, hits
+        assert self._gate.nbytes + self._ctr.nbytes == HOST_GATE_BYTES
         super().__init__(capacity, dim, dtype, policy)
+        self._lock = GatedLock(self._gate)  # type: ignore[assignment]
         nb, slots = self.n_buckets, self.capacity
         self._ktab = np.full((nb, _B), _EMPTY, dtype=np.int64)
         self._dig = np.zeros((nb, _B), dtype=np.uint8)  # key digest per slot, 0 = empty
@@ -42,6 +87,57 @@ class NumpyCache(EmbeddingCache):
             a.reshape(-1)[:: max(1, 4096 // a.itemsize)] = a.reshape(-1)[0]
         self._hits = 0
         hk.warm(self._words.dtype)  # compiled (or loaded) now, not on the first rows
+
+    # the clock and lookup counters, kept where the gated calls update them
+    @property
+    def _clock(self) -> int:
+        return int(self._ctr[hk.CLOCK])
+
+    @_clock.setter
+    def _clock(self, v: int) -> None:
+        self._ctr[hk.CLOCK] = v
+
+    @property
+    def _looked_up(self) -> int:
+        return int(self._ctr[hk.LOOKED_UP])
+
+    @_looked_up.setter
+    def _looked_up(self, v: int) -> None:
+        self._ctr[hk.LOOKED_UP] = v
+
+    @property
+    def _hits(self) -> int:
+        return int(self._ctr[hk.HITS])
+
+    @_hits.setter
+    def _hits(self, v: int) -> None:
+        self._ctr[hk.HITS] = v
+
+    # ------------------------------------------------------------------ gated operations
+    def lookup(self, keys: Any) -> tuple[np.ndarray, np.ndarray]:
+        k = self._keys(keys)
+        n = k.shape[0]
+        out = np.empty((n, self.dim), dtype=self.dtype)
+        hit = np.empty(n, dtype=bool)
+        hk.lookup_gated(
+            hk.ro(k), self.n_buckets, self._dig_words, self._ktab, self._words, self._score,
+            hk.row_words(out), hit, self.policy == "lfu", self._gate, self._ctr,
+        )  # fmt: skip
+        return out, hit
+
+    lookup.__doc__ = EmbeddingCache.lookup.__doc__
+
+    def upsert_async(self, keys: Any, values: Any, versions: Any, *, insert: bool = True) -> None:
+        n = int(np.shape(keys)[0])
+        write = self._piece_writer(keys, values, versions, n, insert)
+        if not getattr(write, "gated", False):
+            self._write_pieces(write, n)  # a batch that repeats keys: under _lock
+            return
+        step = self.write_piece_rows
+        for lo in range(0, n, step) if n > step else [0]:
+            write(lo, min(lo + step, n))
+
+    upsert_async.__doc__ = EmbeddingCache.upsert_async.__doc__
 
     # ------------------------------------------------------------------ helpers
     def _as_array(self, a: Any) -> np.ndarray:
@@ -183,20 +279,20 @@ class NumpyCache(EmbeddingCache):
         dig, dw, ktab = self._dig, self._dig_words, self._ktab
         table = self._words
 
+        lfu = self.policy == "lfu"
+
         def piece(lo: int, hi: int) -> None:
-            self._clock += 1
-            clock = self._clock
             rows = hk.ro(hk.row_words(np.ascontiguousarray(rows_between(parts, lo, hi))))
             keys = k[lo:hi]
-            updates, absent, empty, evicted, dropped = hk.upsert_distinct(
-                keys, ver[lo:hi], rows, hk.ro(np.argsort(keys)), self.n_buckets, dig, dw, ktab, self._ver,
-                self._score, self._stamp, table, np.uint32(clock & 0xFFFFFFFF),
-                self._insert_score(clock), insert,
+            updates, absent, empty, evicted, dropped = hk.upsert_distinct_gated(
+                keys, ver[lo:hi], rows, hk.ro(np.argsort(keys)), self.n_buckets, dig, dw, ktab,
+                self._ver, self._score, self._stamp, table, insert, lfu, self._gate, self._ctr,
             )  # fmt: skip
             c = {"updates": int(updates), "inserted_empty": int(empty), "evictions": int(evicted),
                  "dropped": int(dropped), "absent": 0 if insert else int(absent)}  # fmt: skip
             self._count(c, hi - lo)
 
+        piece.gated = True  # type: ignore[attr-defined]  # enters the gate itself: no _lock
         return piece
 
     def _evict(self, keys: np.ndarray) -> int:
