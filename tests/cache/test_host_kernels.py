@@ -254,13 +254,12 @@ def test_an_operation_under_the_lock_holds_off_gated_lookups_and_writes() -> Non
         c.upsert_async(keys, np.full((100, 4), 2, np.float32), np.full(100, 2, np.int64))
         done.append("write")
 
-    with c._lock:
-        with c._lock:  # re-entrant, as the base class's lock
-            threads = [threading.Thread(target=f) for f in (lookup, write)]
-            for t in threads:
-                t.start()
-            time.sleep(0.3)
-            assert done == []
+    with c._lock, c._lock:  # re-entrant, as the base class's lock
+        threads = [threading.Thread(target=f) for f in (lookup, write)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        assert done == []
     for t in threads:
         t.join(10)
     assert sorted(done) == ["lookup", "write"]
