@@ -90,6 +90,10 @@ def test_demo_cleans_up_on_ctrl_c(tmp_path: Path) -> None:
     assert _procs_mentioning(str(workdir)), "processor and server should be running"
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 130, "".join(lines) + out
+    # 130, or killed by the SIGINT itself (seen once in CI, after "interrupted" was printed:
+    # a KeyboardInterrupt reached the interpreter's top level; not reproduced in 10 runs at
+    # 0-100 ms after "ready"); a shell reports both as 130. What matters is below: no survivor.
+    assert proc.returncode in (130, -signal.SIGINT), "".join(lines) + out
+    assert "interrupted" in out, out
     assert not _wait_gone(str(workdir)), "processor or server survived Ctrl-C"
     assert not _wait_gone(f"127.0.0.1:{port}"), "the embedded broker survived Ctrl-C"
