@@ -31,6 +31,18 @@ _EMPTY = np.iinfo(np.int64).min  # key stored in empty slots (occupancy is the d
 _B = SLOTS_PER_BUCKET
 
 
+def _counter(index: int) -> Any:
+    """An int attribute kept in ``self._ctr[index]`` (where the gated calls update it)."""
+
+    def get(self: NumpyCache) -> int:
+        return int(self._ctr[index])
+
+    def put(self: NumpyCache, v: int) -> None:
+        self._ctr[index] = v
+
+    return property(get, put)
+
+
 class GatedLock:
     """The base class's re-entrant lock, plus the gate while held (first acquire enters it,
     last release leaves it): what every operation but the two gated ones holds."""
@@ -89,29 +101,9 @@ class NumpyCache(EmbeddingCache):
         hk.warm(self._words.dtype)  # compiled (or loaded) now, not on the first rows
 
     # the clock and lookup counters, kept where the gated calls update them
-    @property
-    def _clock(self) -> int:
-        return int(self._ctr[hk.CLOCK])
-
-    @_clock.setter
-    def _clock(self, v: int) -> None:
-        self._ctr[hk.CLOCK] = v
-
-    @property
-    def _looked_up(self) -> int:
-        return int(self._ctr[hk.LOOKED_UP])
-
-    @_looked_up.setter
-    def _looked_up(self, v: int) -> None:
-        self._ctr[hk.LOOKED_UP] = v
-
-    @property
-    def _hits(self) -> int:
-        return int(self._ctr[hk.HITS])
-
-    @_hits.setter
-    def _hits(self, v: int) -> None:
-        self._ctr[hk.HITS] = v
+    _clock = _counter(hk.CLOCK)
+    _looked_up = _counter(hk.LOOKED_UP)
+    _hits = _counter(hk.HITS)
 
     # ------------------------------------------------------------------ gated operations
     def lookup(self, keys: Any) -> tuple[np.ndarray, np.ndarray]:
