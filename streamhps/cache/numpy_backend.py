@@ -45,7 +45,9 @@ def _counter(index: int) -> Any:
 
 class GatedLock:
     """The base class's re-entrant lock, plus the gate while held (first acquire enters it,
-    last release leaves it): what every operation but the two gated ones holds."""
+    last release leaves it): what every operation but the two gated ones holds. A ``timeout``
+    bounds the wait for the re-entrant lock only; the gate is waited for (its holders hold it
+    for one compiled call, or one operation)."""
 
     def __init__(self, gate: np.ndarray) -> None:
         self._rlock = threading.RLock()
@@ -97,7 +99,6 @@ class NumpyCache(EmbeddingCache):
         # would otherwise land on the stream's first inserts, on the ingest thread.
         for a in (self._ktab, self._dig, self._ver, self._score, self._stamp, self._vals):
             a.reshape(-1)[:: max(1, 4096 // a.itemsize)] = a.reshape(-1)[0]
-        self._hits = 0
         hk.warm(self._words.dtype)  # compiled (or loaded) now, not on the first rows
 
     # the clock and lookup counters, kept where the gated calls update them
@@ -121,9 +122,9 @@ class NumpyCache(EmbeddingCache):
 
     def upsert_async(self, keys: Any, values: Any, versions: Any, *, insert: bool = True) -> None:
         n = int(np.shape(keys)[0])
-        write = self._piece_writer(keys, values, versions, n, insert)
-        if not getattr(write, "gated", False):
-            self._write_pieces(write, n)  # a batch that repeats keys: under _lock
+        write = self._gated_pieces(keys, values, versions, n, insert)
+        if isinstance(write, tuple):  # a batch that repeats keys: upsert, piece by piece
+            super().upsert_async(*write, insert=insert)
             return
         step = self.write_piece_rows
         for lo in range(0, n, step) if n > step else [0]:
@@ -237,12 +238,13 @@ class NumpyCache(EmbeddingCache):
             )
         return c
 
-    def _piece_writer(
+    def _gated_pieces(
         self, keys: Any, values: Any, versions: Any, n: int, insert: bool
-    ) -> Callable[[int, int], Any]:
+    ) -> Callable[[int, int], None] | tuple[np.ndarray, list[np.ndarray], np.ndarray]:
         """The stream writer's pieces: the batch checked once (a bad row refuses the whole
-        batch before any piece is written), then one compiled call per piece. Batches that
-        repeat a key (the worker sends one row per key) go piece by piece through ``upsert``."""
+        batch before any piece is written), then a function writing rows ``lo:hi`` in one
+        compiled call that enters the gate itself. A batch that repeats a key (the worker sends
+        one row per key) comes back checked, as (keys, row arrays, versions), for ``upsert``."""
         k = self._check_keys(self._as_array(keys), "keys")
         parts = (
             self._row_parts(values, n)
@@ -265,7 +267,7 @@ class NumpyCache(EmbeddingCache):
             raise CacheError("versions must be > 0; this call was refused and changed nothing")
         ks = np.sort(k)
         if n > 1 and bool((ks[1:] == ks[:-1]).any()):
-            return super()._piece_writer(k, parts, ver, n, insert)
+            return k, parts, ver
         parts = [np.ascontiguousarray(p, dtype=self.dtype) for p in parts]
         k, ver = hk.ro(k), hk.ro(ver)
         dig, dw, ktab = self._dig, self._dig_words, self._ktab
@@ -284,7 +286,6 @@ class NumpyCache(EmbeddingCache):
                  "dropped": int(dropped), "absent": 0 if insert else int(absent)}  # fmt: skip
             self._count(c, hi - lo)
 
-        piece.gated = True  # type: ignore[attr-defined]  # enters the gate itself: no _lock
         return piece
 
     def _evict(self, keys: np.ndarray) -> int:
