@@ -312,7 +312,7 @@ class Ingestor:
                 with contextlib.suppress(queue.Empty):
                     batch.extend(self._batches.get_nowait())
             self._apply_batch(batch)
-            self._merge_windows(force=False)
+        self._merge_windows(force=False)  # idle too: merges a burst's last batch left
         self._after_apply()
 
     def step(self) -> int:
