@@ -264,22 +264,9 @@ def write_resident(keys, versions, src, values, n_buckets, dw, ktab, ver, stamp,
 
 @_kernel
 def insert_absent(
-    order,
-    keys,
-    versions,
-    src,
-    values,
-    n_buckets,
-    dig,
-    dw,
-    ktab,
-    ver,
-    score,
-    stamp,
-    vals,
-    now,
+    order, keys, versions, src, values, n_buckets, dig, dw, ktab, ver, score, stamp, vals, now,
     new_score,
-):  # noqa: E501
+):  # fmt: skip
     """The second pass: insert ``keys[order]`` (absent, in key order) into the first empty way
     of their bucket, else over the way with the lowest ``(score, key)`` not stamped ``now``;
     a key that finds neither is dropped. Returns (inserted into empty ways, evictions, dropped).
@@ -324,22 +311,9 @@ def insert_absent(
 
 @_kernel
 def upsert_distinct(
-    keys,
-    versions,
-    values,
-    by_key,
-    n_buckets,
-    dig,
-    dw,
-    ktab,
-    ver,
-    score,
-    stamp,
-    vals,
-    now,
-    new_score,
-    insert,
-):  # noqa: E501
+    keys, versions, values, by_key, n_buckets, dig, dw, ktab, ver, score, stamp, vals, now,
+    new_score, insert,
+):  # fmt: skip
     """Both passes for distinct ``keys`` (the stream writer's pieces), the absent keys inserted
     in key order (``by_key``: the positions of ``keys`` in key order, numpy's argsort, several
     times faster than numba's): one call per piece. Returns (updates, absent, inserted into
