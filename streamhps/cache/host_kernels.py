@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -124,10 +124,12 @@ def warm(word: np.dtype) -> None:
         assert hit[0] and slot[0] >= 0, "host_kernels.warm: the one-key table lost its key"
         gate, ctr = np.zeros(GATE_WORDS, dtype=np.int64), np.zeros(COUNTERS, dtype=np.int64)
         lookup_gated(keys, 1, dw, ktab, vals, score, out, hit, False, gate, ctr)
+        counts = np.zeros(5, dtype=np.int64)
+        addresses = ro(np.array([rows.__array_interface__["data"][0]], dtype=np.int64))
         for insert in (True, False):
-            upsert_distinct_gated(
-                keys, versions, rows, src, 1, dig, dw, ktab, ver, score, stamp, vals, insert,
-                False, gate, ctr,
+            upsert_batch_gated(
+                keys, versions, src, addresses, ro(np.ones(1, dtype=np.int64)), 1, 1, dig, dw,
+                ktab, ver, score, stamp, vals, insert, False, gate, ctr, counts,
             )  # fmt: skip
         assert gate_try_enter(gate), "host_kernels.warm: the gate was left taken"
         gate_leave(gate)
@@ -434,6 +436,19 @@ def _yield_core_typing(typingctx: Any) -> Any:
 _yield_core: Any = intrinsic(_yield_core_typing)  # typed for the compiled callers only
 
 
+def _pointer_like_typing(typingctx: Any, address: Any, like: Any) -> Any:
+    sig = types.CPointer(like.dtype)(types.int64, like)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return sig, codegen
+
+
+#: ``address`` (an int) as a pointer to elements of ``like``'s type, for ``carray``
+_pointer_like: Any = intrinsic(_pointer_like_typing)  # typed for the compiled callers only
+
+
 @_kernel
 def gate_enter(gate):
     """Take a ticket and wait for it to be served."""
@@ -492,3 +507,50 @@ def upsert_distinct_gated(
     )  # fmt: skip
     gate_leave(gate)
     return r
+
+
+@_kernel
+def upsert_batch_gated(
+    keys, versions, by_key, addresses, ends, piece, n_buckets, dig, dw, ktab, ver, score, stamp,
+    vals, insert, lfu, gate, ctr, counts,
+):  # fmt: skip
+    """:func:`upsert_distinct_gated` for each piece of ``piece`` rows of a batch (``keys``
+    distinct), all in one call: the GIL is released once for the batch, not once per piece,
+    and the gate is entered and left per piece, so a lookup waits for one piece at most.
+
+    The batch's rows lie in several arrays (the decoded messages, never stacked on the host):
+    array ``j`` holds rows ``ends[j - 1]:ends[j]`` (from 0 for the first), C-contiguous
+    ``[rows, words]`` of ``vals``' word type at address ``addresses[j]``; the caller keeps
+    them alive for the call. A piece that spans two arrays is copied into one first.
+    ``by_key[lo:hi]``: the positions of the piece ``keys[lo:hi]`` in key order, relative to
+    ``lo``. Adds (updates, absent, inserted into empty ways, evictions, dropped) to ``counts``.
+    """
+    n = keys.shape[0]
+    words = vals.shape[1]
+    joined = np.empty((min(piece, n), words), dtype=vals.dtype)
+    j = 0  # the array holding row lo
+    for lo in range(0, n, piece):
+        hi = min(lo + piece, n)
+        while ends[j] <= lo:
+            j += 1
+        start = ends[j - 1] if j > 0 else 0
+        if hi <= ends[j]:
+            held = carray(_pointer_like(addresses[j], vals), (ends[j] - start, words))
+            rows = held[lo - start : hi - start]
+        else:
+            at, a, a_start = lo, j, start
+            while at < hi:
+                e = min(ends[a], hi)
+                held = carray(_pointer_like(addresses[a], vals), (ends[a] - a_start, words))
+                joined[at - lo : e - lo] = held[at - a_start : e - a_start]
+                at, a_start, a = e, ends[a], a + 1
+            rows = joined[: hi - lo]
+        updates, absent, empty, evicted, dropped = upsert_distinct_gated(
+            keys[lo:hi], versions[lo:hi], rows, by_key[lo:hi], n_buckets, dig, dw, ktab, ver,
+            score, stamp, vals, insert, lfu, gate, ctr,
+        )  # fmt: skip
+        counts[0] += updates
+        counts[1] += absent
+        counts[2] += empty
+        counts[3] += evicted
+        counts[4] += dropped

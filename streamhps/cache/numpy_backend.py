@@ -8,7 +8,8 @@ repeats keys (the highest version, the later row on ties) and putting absent key
 order, which decides who is dropped when a bucket runs out of ways.
 
 Thread safety: one gate (:mod:`~streamhps.cache.host_kernels`' ticket lock) guards the table.
-A lookup and a stream writer's piece enter and leave it inside their compiled call, so neither
+A lookup and each piece of a stream writer's batch enter and leave it inside compiled code (a
+batch is one call: the writer gives up the GIL once per batch, not once per piece), so neither
 holds it while waiting for the GIL; every other operation holds it for its whole length
 through ``_lock`` (:class:`GatedLock`: the base class's re-entrant lock, then the gate). The
 operation clock and the lookup counters live in an array the gated calls update inside the
@@ -18,13 +19,12 @@ gate; sizes and counts in the base class's ``_book``.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from streamhps.cache import host_kernels as hk
-from streamhps.cache.base import HOST_GATE_BYTES, SLOTS_PER_BUCKET, EmbeddingCache, rows_between
+from streamhps.cache.base import HOST_GATE_BYTES, SLOTS_PER_BUCKET, EmbeddingCache
 from streamhps.errors import CacheError
 
 _EMPTY = np.iinfo(np.int64).min  # key stored in empty slots (occupancy is the digest's)
@@ -122,13 +122,11 @@ class NumpyCache(EmbeddingCache):
 
     def upsert_async(self, keys: Any, values: Any, versions: Any, *, insert: bool = True) -> None:
         n = int(np.shape(keys)[0])
-        write = self._gated_pieces(keys, values, versions, n, insert)
-        if isinstance(write, tuple):  # a batch that repeats keys: upsert, piece by piece
-            super().upsert_async(*write, insert=insert)
-            return
-        step = self.write_piece_rows
-        for lo in range(0, n, step) if n > step else [0]:
-            write(lo, min(lo + step, n))
+        checked = self._checked_batch(keys, values, versions, n)
+        if checked is None:  # a batch that repeats keys: upsert, piece by piece
+            super().upsert_async(keys, values, versions, insert=insert)
+        else:
+            self._write_batch(*checked, insert)
 
     upsert_async.__doc__ = EmbeddingCache.upsert_async.__doc__
 
@@ -238,13 +236,12 @@ class NumpyCache(EmbeddingCache):
             )
         return c
 
-    def _gated_pieces(
-        self, keys: Any, values: Any, versions: Any, n: int, insert: bool
-    ) -> Callable[[int, int], None] | tuple[np.ndarray, list[np.ndarray], np.ndarray]:
-        """The stream writer's pieces: the batch checked once (a bad row refuses the whole
-        batch before any piece is written), then a function writing rows ``lo:hi`` in one
-        compiled call that enters the gate itself. A batch that repeats a key (the worker sends
-        one row per key) comes back checked, as (keys, row arrays, versions), for ``upsert``."""
+    def _checked_batch(
+        self, keys: Any, values: Any, versions: Any, n: int
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]] | None:
+        """A stream writer's batch checked whole (a bad row refuses it before any piece is
+        written): (keys, versions, row arrays in the cache's dtype); None when it repeats a key
+        (the worker sends one row per key), for ``upsert``'s piece-by-piece path."""
         k = self._check_keys(self._as_array(keys), "keys")
         parts = (
             self._row_parts(values, n)
@@ -267,26 +264,33 @@ class NumpyCache(EmbeddingCache):
             raise CacheError("versions must be > 0; this call was refused and changed nothing")
         ks = np.sort(k)
         if n > 1 and bool((ks[1:] == ks[:-1]).any()):
-            return k, parts, ver
-        parts = [np.ascontiguousarray(p, dtype=self.dtype) for p in parts]
-        k, ver = hk.ro(k), hk.ro(ver)
-        dig, dw, ktab = self._dig, self._dig_words, self._ktab
-        table = self._words
+            return None
+        return k, ver, [np.ascontiguousarray(p, dtype=self.dtype) for p in parts]
 
-        lfu = self.policy == "lfu"
-
-        def piece(lo: int, hi: int) -> None:
-            rows = hk.ro(hk.row_words(np.ascontiguousarray(rows_between(parts, lo, hi))))
-            keys = k[lo:hi]
-            updates, absent, empty, evicted, dropped = hk.upsert_distinct_gated(
-                keys, ver[lo:hi], rows, hk.ro(np.argsort(keys)), self.n_buckets, dig, dw, ktab,
-                self._ver, self._score, self._stamp, table, insert, lfu, self._gate, self._ctr,
-            )  # fmt: skip
-            c = {"updates": int(updates), "inserted_empty": int(empty), "evictions": int(evicted),
-                 "dropped": int(dropped), "absent": 0 if insert else int(absent)}  # fmt: skip
-            self._count(c, hi - lo)
-
-        return piece
+    def _write_batch(
+        self, keys: np.ndarray, versions: np.ndarray, parts: list[np.ndarray], insert: bool
+    ) -> None:
+        """Distinct ``keys`` in pieces of ``write_piece_rows``, in one compiled call that
+        enters the gate per piece (:func:`~streamhps.cache.host_kernels.upsert_batch_gated`)."""
+        n, step = keys.shape[0], self.write_piece_rows
+        by_key = np.empty(n, dtype=np.int64)  # each piece's rows in key order
+        whole = n - n % step
+        if whole:
+            by_key[:whole] = np.argsort(keys[:whole].reshape(-1, step), axis=1).reshape(-1)
+        by_key[whole:] = np.argsort(keys[whole:])
+        held = [hk.row_words(p) for p in parts if p.shape[0]]  # alive until the call returns
+        addresses = np.array([a.__array_interface__["data"][0] for a in held], dtype=np.int64)
+        ends = np.cumsum([a.shape[0] for a in held], dtype=np.int64)
+        counts = np.zeros(5, dtype=np.int64)
+        hk.upsert_batch_gated(
+            hk.ro(keys), hk.ro(versions), hk.ro(by_key), hk.ro(addresses), hk.ro(ends), step,
+            self.n_buckets, self._dig, self._dig_words, self._ktab, self._ver, self._score,
+            self._stamp, self._words, insert, self.policy == "lfu", self._gate, self._ctr, counts,
+        )  # fmt: skip
+        updates, absent, empty, evicted, dropped = (int(c) for c in counts)
+        c = {"updates": updates, "inserted_empty": empty, "evictions": evicted,
+             "dropped": dropped, "absent": 0 if insert else absent}  # fmt: skip
+        self._count(c, n)
 
     def _evict(self, keys: np.ndarray) -> int:
         slot, hit = self._find(np.unique(keys))
