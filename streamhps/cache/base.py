@@ -173,9 +173,8 @@ class EmbeddingCache(abc.ABC):
         their eviction score."""
         with self._reading():
             k = self._keys(keys)
-            self._clock += 1
-            self._looked_up += int(k.shape[0])
-            return self._lookup(k, self._clock)
+            self._count_looked_up(int(k.shape[0]))
+            return self._lookup(k, self._tick())
 
     def lookup_pooled(self, keys: Any, offsets: Any, mode: str = "sum") -> tuple[Any, Any]:
         """(pooled [n_bags, dim], hit [len(keys)] bool): bag ``b`` pools the resident rows of
@@ -186,9 +185,8 @@ class EmbeddingCache(abc.ABC):
         with self._reading():
             k = self._keys(keys)
             o = self._check_offsets(self._as_array(offsets), int(k.shape[0]))
-            self._clock += 1
-            self._looked_up += int(k.shape[0])
-            return self._lookup_pooled(k, o, mode, self._clock)
+            self._count_looked_up(int(k.shape[0]))
+            return self._lookup_pooled(k, o, mode, self._tick())
 
     def get_versions(self, keys: Any) -> tuple[Any, Any]:
         """(versions [n] int64, 0 on a miss; hit [n] bool), without touching eviction scores."""
@@ -200,15 +198,13 @@ class EmbeddingCache(abc.ABC):
         when the bucket is full). Returns how many distinct keys changed."""
         with self._lock:
             k, v, ver = self._rows(keys, values, versions)
-            self._clock += 1
-            return self._count(self._upsert(k, v, ver, self._clock, insert=True), len(k))
+            return self._count(self._upsert(k, v, ver, self._tick(), insert=True), len(k))
 
     def update_if_present(self, keys: Any, values: Any, versions: Any) -> int:
         """Like ``upsert`` but never inserts: absent keys are ignored. Returns keys changed."""
         with self._lock:
             k, v, ver = self._rows(keys, values, versions)
-            self._clock += 1
-            return self._count(self._upsert(k, v, ver, self._clock, insert=False), len(k))
+            return self._count(self._upsert(k, v, ver, self._tick(), insert=False), len(k))
 
     def upsert_async(self, keys: Any, values: Any, versions: Any, *, insert: bool = True) -> None:
         """``upsert`` (``update_if_present`` with ``insert=False``) without a count, for a writer
@@ -329,6 +325,15 @@ class EmbeddingCache(abc.ABC):
         )
 
     # ----------------------------------------------------------------- for backends
+    def _tick(self) -> int:
+        """The next operation clock (lock held)."""
+        self._clock += 1
+        return self._clock
+
+    def _count_looked_up(self, n: int) -> None:
+        """``n`` more lookup positions served (lock held)."""
+        self._looked_up += n
+
     def _count(self, c: dict[str, int], n_rows: int) -> int:
         inserted = c["inserted_empty"] + c["evictions"]
         applied = inserted + c["updates"]

@@ -114,6 +114,56 @@ def test_concurrent_lookups_never_see_half_written_rows(new_cache, write):
 
 
 @pytest.mark.gpu
+def test_cuda_request_path_lookups_beside_a_stream_writer():
+    """``lookup_into`` (the worker's request path) enqueues without the cache's lock: from three
+    threads beside a stream writer its rows are never half-written, a reader never sees a key's
+    version go back, and every position it looked up is counted (hits + misses)."""
+    import cupy as cp
+
+    dim, n = 256, 2000
+    cache = make_cache("cuda", capacity=4096, dim=dim)
+    keys = np.arange(n, dtype=np.int64)
+    cache.upsert(keys, np.ones((n, dim), np.float32), np.ones(n, np.int64))
+    stop = threading.Event()
+    errors: list[str] = []
+    looked_up = [0, 0, 0]
+
+    def writer() -> None:
+        for version in range(2, 60):
+            vals = np.full((n, dim), float(version), dtype=np.float32)
+            cache.upsert_async(keys, vals, np.full(n, version))
+        stop.set()
+
+    def reader(i: int) -> None:
+        kd = cp.asarray(keys[i::2])  # evens, odds, evens again from 2
+        out = cp.empty((kd.shape[0], dim), dtype=cp.float32)
+        hit = cp.empty(kd.shape[0], dtype=cp.bool_)
+        last = np.zeros(kd.shape[0], dtype=np.float32)
+        while not stop.is_set() or looked_up[i] == 0:
+            with cache.stream:
+                cache.lookup_into(kd, out, hit)
+                rows, h = out.get(), hit.get()
+            looked_up[i] += kd.shape[0]
+            if not h.all() or (rows != rows[:, :1]).any() or (rows[:, 0] < last).any():
+                errors.append("a missing, half-written or older row")
+                return
+            last = rows[:, 0]
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader, args=(i,)) for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    s = cache.stats()
+    assert s["hits"] + s["misses"] == sum(looked_up)
+    v, hit = cache.get_versions(keys)
+    assert host(hit).all() and (host(v) == 59).all()
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_cuda_and_numpy_agree_under_eviction(policy):
     rng = np.random.default_rng(7)
