@@ -36,8 +36,10 @@
    p99 while ingesting at 50 % <= 1.5x idle. ``--profile`` adds the worker's per-stage time of
    the apply path (``Ingestor.profile``) at each point. ``--lookup-breakdown`` splits the
    lookup load's time into its wait for the cache's lock (which includes the GIL waits of the
-   thread holding it, and its own after taking it; the numpy cache's lookups wait for its gate
-   inside their compiled call instead, counted in the rest) and the rest, and runs a GIL probe thread
+   thread holding it, and its own after taking it; since 92c29ca no lookup takes it: the numpy
+   cache's wait for its gate inside their compiled call, counted in the rest, and the cuda
+   cache's request path enqueues without it, so the column reads 0 on both unless the code
+   under test is older) and the rest, and runs a GIL probe thread
    (``time.sleep(0)`` every millisecond: how long a thread waits to get the GIL back).
    ``--piece-rows`` / ``--stage-rows`` change the stream writer's piece sizes (numpy / cuda).
 
