@@ -12,7 +12,9 @@
    20 ms, beside the same lookups with no writer (the ceiling), and the writer's ns per row.
    ``--gil-load N`` adds N threads of interpreted work to both phases (a worker's fetch thread
    wants the GIL too: a writer that held the cache lock while waiting for the GIL held every
-   lookup with it).
+   lookup with it). ``--writer-process`` adds two phases with the writer and that load in a
+   forked process writing the same table in shared memory (the gate works across processes):
+   what lookups would see if ingest ran outside the serving process's interpreter.
 
     python bench/ingest_apply.py [--out bench/results/ingest_apply.json]
 """
@@ -20,6 +22,8 @@
 from __future__ import annotations
 
 import argparse
+import mmap
+import multiprocessing as mp
 import os
 import platform
 import sys
@@ -31,7 +35,7 @@ from typing import Any
 import numpy as np
 from report import write_json
 
-from streamhps.cache.numpy_backend import NumpyCache
+from streamhps.cache.numpy_backend import GatedLock, NumpyCache
 from streamhps.worker.window import RecentRows, latest_rows
 
 MESSAGES_PER_APPLY = 4
@@ -83,21 +87,38 @@ def hot_keys(dim: int, per_msg: int = 512, messages: int = 64) -> dict[str, Any]
             "all_messages_bytes": messages * per_msg * dim * 4}  # fmt: skip
 
 
+#: the phases of :func:`lookups_beside_writer`: (name, writer, where the writer and the
+#: interpreted load run)
+PHASES = (("idle", False, "here"), ("writing", True, "here"))
+PROCESS_PHASES = (("idle, load in another process", False, "fork"),
+                  ("writing from another process", True, "fork"))  # fmt: skip
+
+
 def lookups_beside_writer(
-    dim: int, write_rows: int, seconds: float, piece_rows: int | None, gil_load: int = 0
-) -> dict[str, Any]:
+    dim: int, write_rows: int, seconds: float, piece_rows: int | None, gil_load: int = 0,
+    writer_process: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     cache = NumpyCache(1 << 21, dim)
     if piece_rows:
         cache.write_piece_rows = piece_rows
+    if writer_process:
+        share(cache)
     seed = np.arange(1 << 16, dtype=np.int64)
     cache.upsert(seed, np.ones((seed.shape[0], dim), np.float32), np.ones(seed.shape[0], np.int64))
-    rng = np.random.default_rng(0)
-    vals = rng.standard_normal((write_rows, dim), dtype=np.float32)
     out: dict[str, Any] = {"write_rows": write_rows, "piece_rows": cache.write_piece_rows,
                            "gil_load": gil_load}  # fmt: skip
-    for phase in ("idle", "writing"):
+    for phase, writing, where in PHASES + (PROCESS_PHASES if writer_process else ()):
         stop = threading.Event()
         lat: list[float] = []
+        child = None
+        if where == "fork":  # forked before this process starts a thread of its own
+            ctx = mp.get_context("fork")
+            go, report = ctx.Event(), ctx.SimpleQueue()
+            child = ctx.Process(
+                target=_write_elsewhere,
+                args=(cache, write_rows, dim, seconds, gil_load, writing, go, report),
+            )
+            child.start()
 
         def look(lat: list[float] = lat, stop: threading.Event = stop) -> None:
             r = np.random.default_rng(1)
@@ -110,29 +131,82 @@ def lookups_beside_writer(
 
         th = threading.Thread(target=look)
         th.start()
-        busy = [threading.Thread(target=_python_load, args=(stop,)) for _ in range(gil_load)]
-        for b in busy:
-            b.start()
-        t_end, wrote, write_s, version = time.monotonic() + seconds, 0, 0.0, 2
-        while time.monotonic() < t_end:
-            if phase == "writing":
-                keys = rng.choice(4_000_000, write_rows, replace=False).astype(np.int64)
-                t0 = time.perf_counter()
-                cache.upsert_async(keys, vals, np.full(write_rows, version, np.int64))
-                write_s += time.perf_counter() - t0
-                wrote += write_rows
-                version += 1
-            time.sleep(0.02)
+        if child is not None:
+            go.set()
+            wrote, write_s, last = report.get()
+            child.join()
+            if last is not None:  # the rows the other process wrote are this process's too
+                seen = float(cache.lookup(last)[1].mean())
+                assert seen > 0.99, f"{seen:.1%} of the other process's last rows seen here"
+        else:
+            busy = [threading.Thread(target=_python_load, args=(stop,)) for _ in range(gil_load)]
+            for b in busy:
+                b.start()
+            wrote, write_s = _write_for(cache, write_rows, dim, seconds, writing)
         stop.set()
         th.join()
-        for b in busy:
-            b.join()
+        if child is None:
+            for b in busy:
+                b.join()
         a = np.asarray(lat) * 1e3
         out[phase] = {"lookup_p50_ms": float(np.percentile(a, 50)),
                       "lookup_p99_ms": float(np.percentile(a, 99)), "lookups": int(a.size)}  # fmt: skip
         if wrote:
             out[phase]["write_ns_per_row"] = write_s / wrote * 1e9
     return out
+
+
+_last_keys: list[np.ndarray] = []  # the keys of the last batch _write_for wrote
+
+
+def _write_for(
+    cache: NumpyCache, write_rows: int, dim: int, seconds: float, writing: bool
+) -> tuple[int, float]:
+    """``upsert_async`` of ``write_rows`` fresh keys every 20 ms for ``seconds`` (or only the
+    sleeps); returns (rows written, seconds spent writing)."""
+    rng = np.random.default_rng(0)
+    vals = rng.standard_normal((write_rows, dim), dtype=np.float32)
+    t_end, wrote, write_s, version = time.monotonic() + seconds, 0, 0.0, 2
+    while time.monotonic() < t_end:
+        if writing:
+            keys = rng.choice(4_000_000, write_rows, replace=False).astype(np.int64)
+            t0 = time.perf_counter()
+            cache.upsert_async(keys, vals, np.full(write_rows, version, np.int64))
+            _last_keys[:] = [keys]
+            write_s += time.perf_counter() - t0
+            wrote += write_rows
+            version += 1
+        time.sleep(0.02)
+    return wrote, write_s
+
+
+def _write_elsewhere(
+    cache: NumpyCache, write_rows: int, dim: int, seconds: float, gil_load: int, writing: bool,
+    go: Any, report: Any,
+) -> None:  # fmt: skip
+    """The writer and the interpreted load in a forked process, into the shared table."""
+    stop = threading.Event()
+    busy = [threading.Thread(target=_python_load, args=(stop,)) for _ in range(gil_load)]
+    go.wait()
+    for b in busy:
+        b.start()
+    wrote, write_s = _write_for(cache, write_rows, dim, seconds, writing)
+    report.put((wrote, write_s, _last_keys[-1] if _last_keys else None))
+    stop.set()
+    for b in busy:
+        b.join()
+
+
+def share(cache: NumpyCache) -> None:
+    """Move the cache's table, gate and counters into anonymous shared memory, so that a
+    forked process reads and writes the same table (the gate's atomics work across processes:
+    it is a ticket lock in memory both map). Sizes and counts stay per process."""
+    for name in ("_gate", "_ctr", "_ktab", "_dig", "_ver", "_score", "_stamp", "_vals"):
+        a = getattr(cache, name)
+        shared = np.frombuffer(mmap.mmap(-1, a.nbytes), dtype=a.dtype).reshape(a.shape)
+        shared[...] = a
+        setattr(cache, name, shared)
+    cache._lock = GatedLock(cache._gate)  # type: ignore[assignment]
 
 
 def _python_load(stop: threading.Event) -> None:
@@ -160,6 +234,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0)
     ap.add_argument("--gil-load", type=int, default=0,
                     help="threads of interpreted work beside the lookups (as a worker's fetch thread)")  # fmt: skip
+    ap.add_argument("--writer-process", action="store_true",
+                    help="also: the writer and the interpreted load in a forked process, writing "
+                         "the same table in shared memory (what lookups would see with ingest "
+                         "out of the serving process)")  # fmt: skip
     ap.add_argument("--switch-interval", type=float, default=0.0001,
                     help="sys.setswitchinterval, as a worker sets it (serving.switch_interval_ms)")  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ingest_apply.json"))
@@ -179,7 +257,9 @@ def main() -> None:
           f"live rows ({h['live_bytes']:,} B): window holds {h['held_bytes']:,} B "
           f"(every message whole: {h['all_messages_bytes']:,} B)")  # fmt: skip
     res["lookups"] = [
-        lookups_beside_writer(args.dim, args.write_rows, args.seconds, pr or None, args.gil_load)
+        lookups_beside_writer(
+            args.dim, args.write_rows, args.seconds, pr or None, args.gil_load, args.writer_process
+        )  # fmt: skip
         for pr in args.piece_rows
     ]
     print(f"\nnumpy cache lookup (1024 keys every 5 ms) beside upsert_async of {args.write_rows:,} "
@@ -187,7 +267,7 @@ def main() -> None:
     print("| pieces of | phase | lookup p50 ms | lookup p99 ms | writer ns/row |")
     print("|---|---|---|---|---|")
     for lk in res["lookups"]:
-        for phase in ("idle", "writing"):
+        for phase, _, _ in PHASES + (PROCESS_PHASES if args.writer_process else ()):
             r = lk[phase]
             wr = f"{r['write_ns_per_row']:.0f}" if "write_ns_per_row" in r else "-"
             print(f"| {lk['piece_rows']} | {phase}{' (ceiling)' if phase == 'idle' else ''} | "
