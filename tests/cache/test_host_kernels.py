@@ -191,6 +191,27 @@ def test_a_stream_write_with_a_bad_row_changes_nothing() -> None:
     assert len(c) == 0 and not c.lookup(keys)[1].any()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_stream_batch_reads_its_rows_from_every_message(dtype: str) -> None:
+    """The batch writer reads rows straight from the decoded messages: pieces that lie in one
+    message, span two or three (small messages, empty ones between them), the last short one.
+    Same table as ``upsert`` of the rows stacked, also when the messages' dtype differs."""
+    sizes = [3, 0, 2, 1, 5, 0, 9, 4, 0]
+    n = sum(sizes)
+    rng = np.random.default_rng(5)
+    keys = rng.permutation(1000)[:n].astype(np.int64)
+    rows = rng.standard_normal((n, 6)).astype(np.float64)  # converted to the cache's dtype
+    parts = np.split(rows, np.cumsum(sizes)[:-1])
+    vers = np.arange(1, n + 1, dtype=np.int64)
+    a, b = NumpyCache(1 << 12, 6, dtype), NumpyCache(1 << 12, 6, dtype)
+    b.write_piece_rows = 4
+    a.upsert(keys, rows, vers)
+    b.upsert_async(keys, parts, vers)
+    np.testing.assert_array_equal(a.lookup(keys)[0], b.lookup(keys)[0])
+    np.testing.assert_array_equal(a.get_versions(keys)[0], b.get_versions(keys)[0])
+    assert len(b) == n and b.stats()["inserts"] == n
+
+
 def test_the_cache_works_where_numba_cannot_cache_its_code() -> None:
     """A read-only install with no user cache directory leaves numba no place to cache compiled
     code; ``cache=True`` then raised at import and the numpy backend could not be imported.
