@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from streamhps.compiled import kernel
+
 _C1 = np.uint64(0xFF51AFD7ED558CCD)
 _C2 = np.uint64(0xC4CEB93FE53A2B9B)
 _S = np.uint64(33)
@@ -40,3 +42,29 @@ def partition_of(keys: np.ndarray, partitions: int) -> np.ndarray:
     if partitions == 1:
         return np.zeros(np.shape(keys), dtype=np.int64)
     return (fmix64(keys) % np.uint64(partitions)).astype(np.int64)
+
+
+def first_outside(keys: np.ndarray, partitions: int, partition: int) -> int:
+    """Index of the first key of ``keys`` whose partition is not ``partition``; -1 if none.
+    One compiled pass without the GIL (a consumer checks every message it reads with it)."""
+    if partitions < 1:
+        raise ValueError(f"partitions must be >= 1, got {partitions}")
+    k = np.asarray(keys)
+    if k.dtype != np.int64 or k.ndim != 1:
+        k = np.ascontiguousarray(k, dtype=np.int64).reshape(-1)
+    return int(_first_outside(k, partitions, partition))
+
+
+@kernel
+def _first_outside(keys, partitions, partition):
+    n, p = np.uint64(partitions), np.uint64(partition)
+    for i in range(keys.shape[0]):
+        k = np.uint64(keys[i])
+        k ^= k >> _S
+        k *= _C1
+        k ^= k >> _S
+        k *= _C2
+        k ^= k >> _S
+        if k % n != p:
+            return i
+    return -1

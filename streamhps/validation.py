@@ -24,16 +24,17 @@ its rows.
 
 from __future__ import annotations
 
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
 from streamhps import wire
 from streamhps.config import TableSpec
 from streamhps.errors import SchemaVersionError, WireError
-from streamhps.partitioning import partition_of
+from streamhps.partitioning import first_outside, partition_of
 
 
 class Reason(StrEnum):
@@ -87,7 +88,9 @@ def check_partition(msg: wire.Message, spec: TableSpec, partition: int) -> Rejec
             f"the envelope says partition {msg.partition}; the message is in {partition}",
         )
     if msg.row_count and spec.partitions > 1:
-        parts = partition_of(msg.keys, spec.partitions)
+        if first_outside(msg.keys, spec.partitions, partition) < 0:
+            return None
+        parts = partition_of(msg.keys, spec.partitions)  # a wrong message: say how wrong
         wrong = np.flatnonzero(parts != partition)
         if wrong.size:
             return Rejected(
@@ -96,6 +99,19 @@ def check_partition(msg: wire.Message, spec: TableSpec, partition: int) -> Rejec
                 f" -> {int(parts[wrong[0]])}) in partition {partition}",
             )
     return None
+
+
+def warm(dtypes: Iterable[Any]) -> None:
+    """Compile (or load from numba's cache) the compiled checks of :func:`check_table_message`
+    for rows of ``dtypes``, as a consumer's messages reach them (read-only arrays): when the
+    consumer starts, not on its first message."""
+    keys = np.zeros(1, dtype=np.int64)
+    keys.flags.writeable = False
+    first_outside(keys, 2, 0)
+    for dt in {np.dtype(d) for d in dtypes}:
+        rows = np.zeros((1, 1), dtype=dt)
+        rows.flags.writeable = False
+        wire.all_finite(rows)
 
 
 def decode(value: bytes | None) -> wire.Message | Rejected:
@@ -162,4 +178,5 @@ __all__ = [
     "check_rows",
     "check_table_message",
     "decode",
+    "warm",
 ]

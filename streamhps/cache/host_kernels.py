@@ -22,9 +22,7 @@ cache is built: not on the stream's first rows or a request's first lookup.
 
 from __future__ import annotations
 
-import logging
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,7 +31,7 @@ from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-log = logging.getLogger(__name__)
+from streamhps.compiled import kernel as _kernel
 
 SLOTS = 32  # base.SLOTS_PER_BUCKET (the kernels' loops need it as a literal)
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -44,27 +42,6 @@ _ONE = np.uint64(1)
 _BYTE = np.uint64(0xFF)
 _BYTES_ONES = np.uint64(0x0101010101010101)
 _BYTES_HIGH = np.uint64(0x8080808080808080)
-
-
-def _kernel(fn: Callable[..., Any]) -> Any:
-    """``njit(nogil=True, cache=True)``; where numba finds no writable place for its cache (this
-    file's ``__pycache__`` read-only, no user cache directory, no ``NUMBA_CACHE_DIR``), without
-    the cache: every process then compiles at its first cache (seconds), instead of failing
-    to import."""
-    try:
-        return njit(nogil=True, cache=True)(fn)
-    except RuntimeError as e:  # numba: "cannot cache function ...: no locator available"
-        if not _uncached:
-            log.warning(
-                "the numpy cache's compiled code cannot be cached (%s): every process compiles "
-                "it when it builds its first cache (seconds); set NUMBA_CACHE_DIR to a "
-                "writable directory to compile once", e,
-            )  # fmt: skip
-        _uncached.append(fn.__name__)
-        return njit(nogil=True)(fn)
-
-
-_uncached: list[str] = []  # kernels compiled without numba's cache (:func:`_kernel`)
 
 
 def row_words(table: np.ndarray) -> np.ndarray:

@@ -45,6 +45,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from streamhps import validation
 from streamhps.config import Config, TableSpec, dlq_topic
 from streamhps.deadletters import DeadLetterWriter
 from streamhps.errors import StreamHPSError
@@ -102,6 +103,7 @@ class Processor:
         self._on_batch = on_batch
         self._stop = threading.Event()
         self._specs = {t.name: t for t in config.tables}
+        validation.warm(t.np_dtype for t in config.tables)
         self._topic_table = {config.topic(t.name): t for t in config.tables}
         self._held = {t.name: shard_partitions(t, shard) for t in config.tables}
         self._max_bytes = max_message_bytes(config.kafka)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from streamhps import validation
 from streamhps.cache.base import EmbeddingCache
 from streamhps.config import TableSpec
 from streamhps.store.base import StoreReader
@@ -214,6 +215,7 @@ class Ingestor:
         max_message_bytes: int | None = None,
     ) -> None:
         self.consumer = consumer
+        validation.warm(st.spec.np_dtype for st in tables.values())
         self.max_message_bytes = max_message_bytes  # larger messages are refused (oversized)
         self.tables = tables
         self._by_topic = {st.topic: st for st in tables.values()}

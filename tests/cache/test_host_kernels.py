@@ -219,11 +219,11 @@ def test_the_cache_works_where_numba_cannot_cache_its_code() -> None:
     code = (
         "import numpy as np\n"
         "from streamhps.cache.numpy_backend import NumpyCache\n"
-        "from streamhps.cache import host_kernels as hk\n"
+        "from streamhps import compiled\n"
         "c = NumpyCache(64, 4)\n"
         "c.upsert(np.arange(3), np.ones((3, 4)), np.ones(3, np.int64))\n"
         "assert c.lookup(np.arange(4))[1].tolist() == [True, True, True, False]\n"
-        "assert 'lookup' in hk._uncached, hk._uncached\n"
+        "assert 'lookup' in compiled.uncached, compiled.uncached\n"
     )
     env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "numba.core.caching.ZipCacheLocator"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
