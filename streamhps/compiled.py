@@ -8,11 +8,11 @@ interpreter while other threads want it).
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
-
-from numba import njit
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,8 @@ def kernel(fn: Callable[..., Any]) -> Any:
     package's ``__pycache__`` read-only, no user cache directory, no ``NUMBA_CACHE_DIR``),
     without the cache: every process then compiles on first use (seconds), instead of failing
     to import."""
+    from numba import njit
+
     try:
         return njit(nogil=True, cache=True)(fn)
     except RuntimeError as e:  # numba: "cannot cache function ...: no locator available"
@@ -36,3 +38,21 @@ def kernel(fn: Callable[..., Any]) -> Any:
             )  # fmt: skip
         uncached.append(fn.__name__)
         return njit(nogil=True)(fn)
+
+
+def lazy_kernel(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """:func:`kernel`, made (and numba imported, ~0.25 s) on the first call: for the modules
+    ``import streamhps`` loads, so that importing the package stays fast. Called from Python
+    only (compiled callers need :func:`kernel`'s dispatcher)."""
+    made: list[Any] = []
+    lock = threading.Lock()
+
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        if not made:
+            with lock:
+                if not made:
+                    made.append(kernel(fn))
+        return made[0](*args)
+
+    return call

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from streamhps.compiled import kernel
+from streamhps.compiled import lazy_kernel
 
 _C1 = np.uint64(0xFF51AFD7ED558CCD)
 _C2 = np.uint64(0xC4CEB93FE53A2B9B)
@@ -55,7 +55,7 @@ def first_outside(keys: np.ndarray, partitions: int, partition: int) -> int:
     return int(_first_outside(k, partitions, partition))
 
 
-@kernel
+@lazy_kernel
 def _first_outside(keys, partitions, partition):
     n, p = np.uint64(partitions), np.uint64(partition)
     for i in range(keys.shape[0]):

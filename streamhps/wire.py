@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from streamhps.compiled import kernel
+from streamhps.compiled import lazy_kernel
 from streamhps.errors import SchemaVersionError, WireError
 
 SCHEMA_VERSION = 1
@@ -501,7 +501,7 @@ _EXPONENT_BITS: dict[int, np.unsignedinteger[Any]] = {
 }  # fmt: skip
 
 
-@kernel
+@lazy_kernel
 def _count_exponent_all_ones(bits, mask):
     # a count, not an early exit: the loop vectorises (2x numpy's isfinite, 18x a loop that
     # stops at the first)

@@ -95,7 +95,10 @@ def test_lookups_keep_their_pace_beside_a_busy_python_thread() -> None:
     assert beside >= 0.4 * alone, (alone, beside)
 
 
-KERNELS = (hk.find, hk.lookup, hk.write_resident, hk.insert_absent, hk.upsert_distinct)
+KERNELS = (
+    hk.find, hk.lookup, hk.write_resident, hk.insert_absent, hk.upsert_distinct, hk.lookup_gated,
+    hk.upsert_batch_gated,
+)  # fmt: skip
 
 
 def test_no_compile_after_the_cache_is_built() -> None:
