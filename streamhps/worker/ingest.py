@@ -55,10 +55,10 @@ FETCH_BITE_BYTES = 1 << 20
 #: sort of the batch's keys; for a cache that does not resolve repeated keys itself, the gather
 #: of the kept rows); ``window``: the window insert; ``window_merge``: the window's merges of
 #: the chunks inserted since the last ones, after the rows became visible (one at a time while
-#: no batch waits, all at once every ``MERGE_EVERY_CHUNKS``); ``cache``: the cache write,
-#: which holds the cache's lock against lookups (cuda: staging, host -> device copy and
-#: kernels); ``markers``:
-#: commit markers, positions and latency records; ``fills``: read-through fills;
+#: no batch waits, all at once every ``MERGE_EVERY_CHUNKS``); ``cache``: the cache write
+#: (numpy: one compiled call holding the table's gate piece by piece; cuda: staging, host ->
+#: device copy and kernels enqueued); ``markers``: commit markers, positions and latency
+#: records; ``fills``: read-through fills;
 #: ``store_refresh``: the store's offsets and window pruning. Each thread's stages add up to
 #: the wall time.
 STAGES = ("poll_idle", "poll", "decode_validate", "apply_idle", "dedup_sort", "window",
@@ -513,7 +513,8 @@ class Ingestor:
         )  # fmt: skip
         t2 = time.perf_counter()
         # No count back: the cuda cache enqueues without waiting for the device (later lookups
-        # are ordered after it on its stream); the numpy cache writes in lock-sized pieces.
+        # are ordered after it on its stream); the numpy cache writes the batch in one compiled
+        # call, a lookup waiting at most for one piece of it.
         st.cache.upsert_async(*rows, insert=st.spec.insert_on_update)
         t3 = time.perf_counter()
         self.profile.add("dedup_sort", t1 - t0)
