@@ -28,18 +28,23 @@ def make_cache(
     dim: int,
     dtype: Any = "float32",
     policy: str = "lru",
-    **cuda_options: Any,
+    **options: Any,
 ) -> EmbeddingCache:
     """A cache of at least ``capacity`` rows (rounded up to whole buckets of 32 slots).
-    ``cuda_options`` (``device``, ``stream``) go to the cuda backend; the numpy one ignores them."""
+    ``options``: the cuda backend's ``device`` and ``stream``; the numpy backend's ``memory``
+    and ``attach`` (a table in memory another process maps); each ignores the other's."""
     if backend == "numpy":
         from streamhps.cache.numpy_backend import NumpyCache
 
-        return NumpyCache(capacity, dim, dtype, policy)
+        return NumpyCache(
+            capacity, dim, dtype, policy,
+            memory=options.get("memory"), attach=bool(options.get("attach", False)),
+        )  # fmt: skip
     if backend == "cuda":
         from streamhps.cache.cuda_backend import CudaCache
 
-        return CudaCache(capacity, dim, dtype, policy, **cuda_options)
+        cuda = {k: v for k, v in options.items() if k in ("device", "stream")}
+        return CudaCache(capacity, dim, dtype, policy, **cuda)
     raise CacheError(f"unknown cache backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 

@@ -24,11 +24,61 @@ from typing import Any
 import numpy as np
 
 from streamhps.cache import host_kernels as hk
-from streamhps.cache.base import HOST_GATE_BYTES, SLOTS_PER_BUCKET, EmbeddingCache
+from streamhps.cache.base import (
+    HOST_GATE_BYTES,
+    SLOTS_PER_BUCKET,
+    EmbeddingCache,
+    buckets_for,
+    storage_dtype,
+)
 from streamhps.errors import CacheError
 
 _EMPTY = np.iinfo(np.int64).min  # key stored in empty slots (occupancy is the digest's)
 _B = SLOTS_PER_BUCKET
+
+
+def _layout(
+    nb: int, slots: int, dim: int, dtype: np.dtype[Any]
+) -> tuple[dict[str, tuple[tuple[int, ...], Any, int]], int]:
+    """(name -> (shape, dtype, byte offset), total bytes) of a table's arrays in one buffer,
+    each 64-byte aligned (the gate's words first)."""
+    specs: dict[str, tuple[tuple[int, ...], Any]] = {
+        "gate": ((hk.GATE_WORDS,), np.int64),
+        "ctr": ((hk.COUNTERS,), np.int64),
+        "ktab": ((nb, _B), np.int64),
+        "dig": ((nb, _B), np.uint8),
+        "ver": ((slots,), np.int64),
+        "score": ((slots,), np.uint64),
+        "stamp": ((slots,), np.uint32),
+        "vals": ((slots, dim), dtype),
+    }
+    out: dict[str, tuple[tuple[int, ...], Any, int]] = {}
+    at = 0
+    for name, (shape, dt) in specs.items():
+        out[name] = (shape, dt, at)
+        at += -(-int(np.prod(shape)) * np.dtype(dt).itemsize // 64) * 64
+    return out, at
+
+
+def _table_arrays(
+    nb: int, slots: int, dim: int, dtype: np.dtype[Any], memory: Any
+) -> dict[str, np.ndarray]:
+    """The table's arrays: views into ``memory``, or fresh ones where it is None."""
+    layout, total = _layout(nb, slots, dim, dtype)
+    if memory is None:
+        return {name: np.empty(shape, dtype=dt) for name, (shape, dt, _) in layout.items()}
+    buf = np.frombuffer(memory, dtype=np.uint8)
+    if buf.shape[0] < total:
+        raise CacheError(
+            f"the cache's memory holds {buf.shape[0]} bytes; a table of {slots} slots of dim "
+            f"{dim} {dtype.name} needs {total} (NumpyCache.table_bytes)"
+        )
+    if not buf.flags.writeable:
+        raise CacheError("the cache's memory must be writable")
+    return {
+        name: buf[at : at + int(np.prod(shape)) * np.dtype(dt).itemsize].view(dt).reshape(shape)
+        for name, (shape, dt, at) in layout.items()
+    }
 
 
 def _counter(index: int) -> Any:
@@ -82,24 +132,45 @@ class GatedLock:
 class NumpyCache(EmbeddingCache):
     backend = "numpy"
 
-    def __init__(self, capacity: int, dim: int, dtype: Any = "float32", policy: str = "lru"):
-        self._gate = np.zeros(hk.GATE_WORDS, dtype=np.int64)
-        self._ctr = np.zeros(hk.COUNTERS, dtype=np.int64)  # clock, looked up, hits
-        assert self._gate.nbytes + self._ctr.nbytes == HOST_GATE_BYTES
+    def __init__(
+        self,
+        capacity: int,
+        dim: int,
+        dtype: Any = "float32",
+        policy: str = "lru",
+        *,
+        memory: Any = None,
+        attach: bool = False,
+    ):
+        """``memory``: a writable buffer of at least :meth:`table_bytes` bytes to lay the table,
+        the gate and the counters out in (memory another process maps too: a table written by
+        one process and read by another, :mod:`streamhps.worker.ingest_process`); ``attach``:
+        it already holds a table of these parameters (made by another process), leave it as is.
+        """
+        self._ctr = np.zeros(hk.COUNTERS, dtype=np.int64)  # the base class zeroes its counters
         super().__init__(capacity, dim, dtype, policy)
+        arrays = _table_arrays(self.n_buckets, self.capacity, self.dim, self.dtype, memory)
+        self._gate, self._ctr = arrays["gate"], arrays["ctr"]  # ctr: clock, looked up, hits
+        assert self._gate.nbytes + self._ctr.nbytes == HOST_GATE_BYTES
         self._lock = GatedLock(self._gate)  # type: ignore[assignment]
-        nb, slots = self.n_buckets, self.capacity
-        self._ktab = np.full((nb, _B), _EMPTY, dtype=np.int64)
-        self._dig = np.zeros((nb, _B), dtype=np.uint8)  # key digest per slot, 0 = empty
-        self._ver = np.zeros(slots, dtype=np.int64)
-        self._score = np.zeros(slots, dtype=np.uint64)
-        self._stamp = np.zeros(slots, dtype=np.uint32)
-        self._vals = np.zeros((slots, self.dim), dtype=self.dtype)
-        # Touch every page now: the first write into a fresh page faults (~1 us per 4 KiB), which
-        # would otherwise land on the stream's first inserts, on the ingest thread.
-        for a in (self._ktab, self._dig, self._ver, self._score, self._stamp, self._vals):
-            a.reshape(-1)[:: max(1, 4096 // a.itemsize)] = a.reshape(-1)[0]
+        self._ktab = arrays["ktab"]  # [buckets, 32] keys
+        self._dig = arrays["dig"]  # [buckets, 32] key digest per slot, 0 = empty
+        self._ver, self._score, self._stamp = arrays["ver"], arrays["score"], arrays["stamp"]
+        self._vals = arrays["vals"]  # [slots, dim]
+        if not attach:
+            self._ktab.fill(_EMPTY)
+            for name in ("gate", "ctr", "dig", "ver", "score", "stamp", "vals"):
+                arrays[name].fill(0)
+            # Touch every page now (the fills above do): the first write into a fresh page
+            # faults (~1 us per 4 KiB), which would otherwise land on the stream's first
+            # inserts, on the ingest thread.
         hk.warm(self._words.dtype)  # compiled (or loaded) now, not on the first rows
+
+    @staticmethod
+    def table_bytes(capacity: int, dim: int, dtype: Any = "float32") -> int:
+        """Bytes of the ``memory`` a cache of these parameters lays its table out in."""
+        nb = buckets_for(capacity)
+        return _layout(nb, nb * SLOTS_PER_BUCKET, int(dim), storage_dtype(dtype))[1]
 
     #: rows per gate hold of a stream write (the base class's 1 024 was sized for a lock taken
     #: from Python, a GIL hand-over per piece): a lookup waits for one piece at most, ~0.1 ms

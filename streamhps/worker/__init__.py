@@ -5,7 +5,8 @@ apply loop), ``window`` (rows consumed that LMDB may not hold yet), ``miss_path`
 missed, from the window and LMDB), ``staleness`` (how far behind the head each partition is),
 ``head`` (the thread that probes the head of every partition), ``ownership`` (the partitions a
 sharded worker serves), ``pooling`` (multi-hot bags), ``request`` (one request on the GPU),
-``missing`` (never-seen keys). Which messages are skipped:
+``missing`` (never-seen keys), ``ingest_process`` (a cpu worker's ingest in a process of its own,
+the cache in shared memory). Which messages are skipped:
 :mod:`streamhps.validation`.
 """
 

@@ -82,11 +82,12 @@ from streamhps.worker.miss_path import resolve_misses
 from streamhps.worker.ownership import Ownership
 from streamhps.worker.pooling import add_missed, bag_offsets
 from streamhps.worker.request import DeviceRequests, check_keys
-from streamhps.worker.staleness import LagTracker
+from streamhps.worker.staleness import LagTracker, max_seconds_of
 from streamhps.worker.window import RecentRows
 
 if TYPE_CHECKING:
     from streamhps.cache.cuda_backend import CudaCache
+    from streamhps.worker.ingest_process import IngestProcess
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,10 @@ log = logging.getLogger(__name__)
 # 8 tables: 2 048 keys serial 0.51 ms; 8 192 keys on threads 4.5 ms (serial ~2 ms: the numpy
 # probe holds the GIL for most of a table); 32 768 keys on threads 4.3 ms (serial ~8 ms).
 _PARALLEL_KEYS = 16384
+#: where a worker ingests: "thread" (fetch and apply threads in the serving process) or
+#: "process" (a cpu worker's ingest in a child process, its cache in shared memory:
+#: :mod:`streamhps.worker.ingest_process`)
+INGEST_MODES = ("thread", "process")
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",  # a stored offset beyond the log (history lost): reread all
@@ -106,6 +111,15 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "max.partition.fetch.bytes": 8 << 20,
     "queued.max.messages.kbytes": 256 << 10,
 }
+
+
+class _WindowElsewhere:
+    """The window of a worker whose ingest runs in another process (reached by requests)."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise StreamHPSError(
+            "this worker's window lives in its ingest process (serving.ingest = 'process')"
+        )
 
 
 class InferenceWorker:
@@ -146,10 +160,21 @@ class InferenceWorker:
         poll_timeout_s: float = POLL_TIMEOUT_S,
         kafka_config: Mapping[str, Any] | None = None,
         store_wait_s: float = 0.0,
+        ingest: str | None = None,
     ) -> None:
         m = _DEVICE_RE.match(device) if isinstance(device, str) else None
         if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        self.ingest_mode = config.serving.ingest if ingest is None else ingest
+        if self.ingest_mode not in INGEST_MODES:
+            raise ConfigError(
+                f"ingest must be one of {INGEST_MODES} (serving.ingest), got {self.ingest_mode!r}"
+            )
+        if self.ingest_mode == "process" and m.group(1) != "cpu":
+            raise ConfigError(
+                "ingest = 'process' serves a cpu worker's cache from shared memory; a cuda "
+                "worker ingests on threads (set serving.ingest = 'thread' or device='cpu')"
+            )
         self.config = config
         self._store_arg = store
         # seconds start() waits for a store the processor has not created yet (progress logged)
@@ -171,6 +196,7 @@ class InferenceWorker:
         self.cache_capacity = int(cache_capacity or config.serving.cache_capacity)
         self._capacity_given = cache_capacity is not None
         self.follow_dense = follow_dense
+        self._ownership_args = {"placement": placement, "shard": shard, "partitions": partitions}
         self.ownership = Ownership(config, placement, shard, partitions)
         self.placement, self.shard = self.ownership.placement, self.ownership.shard
         self.owned = self.ownership.owned
@@ -207,6 +233,10 @@ class InferenceWorker:
         )  # fmt: skip
         self._xp: Any = np
         self._dense_callbacks: list[DenseCallback] = []
+        # ingest = "process": the child process that ingests (the serving side here); in the
+        # child, the shared memory its caches live in
+        self._remote: IngestProcess | None = None
+        self._cache_memory: dict[str, Any] = {}
 
     @classmethod
     def from_config(
@@ -246,11 +276,30 @@ class InferenceWorker:
             )  # fmt: skip
             sys.setswitchinterval(ms / 1e3)
 
+    def _cache_options(self, table: str) -> dict[str, Any]:
+        """The shared memory a table's cache lives in (the child of an ingest process)."""
+        memory = self._cache_memory.get(table)
+        return {} if memory is None else {"memory": memory, "attach": True}
+
+    def _use_shared(self, cache_memory: dict[str, Any], caught_up: dict[str, np.ndarray]) -> None:
+        """In the ingest process: caches in ``cache_memory`` (tables the serving process made)
+        and the caught-up times in ``caught_up``, where the serving process reads them."""
+        self._cache_memory = dict(cache_memory)
+        served = self.ownership.served()
+        self._tracker = LagTracker(
+            {t.name: t.partitions for t in self.config.tables if t.name in served},
+            served if self.sharded else None,
+            caught_up_at=caught_up,
+        )
+
     def start(self) -> InferenceWorker:
         """Open the store, warm the caches, assign every partition and start ingesting."""
         if self._started:
             return self
         from streamhps.cache import make_cache
+
+        if self.ingest_mode == "process":
+            return self._start_serving_side()
 
         if self.backend == "cuda":
             import cupy
@@ -285,6 +334,7 @@ class InferenceWorker:
                     dtype=spec.dtype,
                     policy=self.cache_policy,
                     **cuda_options,
+                    **self._cache_options(spec.name),
                 )
                 self._tables[spec.name] = TableState(
                     spec,
@@ -352,12 +402,72 @@ class InferenceWorker:
         )  # fmt: skip
         return self
 
+    def _start_serving_side(self) -> InferenceWorker:
+        """ingest = "process": the caches in shared memory, made here; the child process warms
+        them and ingests (:mod:`streamhps.worker.ingest_process`); this process serves."""
+        from streamhps.cache.numpy_backend import NumpyCache
+        from streamhps.worker.ingest_process import IngestProcess
+
+        self._lower_switch_interval()
+        if self.store_wait_s > 0 and wait_for_stores(self._store_arg, self.store_wait_s):
+            self.store_paths = [os.fspath(p) for p in store_dirs(self._store_arg)]
+            self.store_path = ", ".join(self.store_paths)
+        self._store = open_stores(self.store_paths)
+        try:
+            self._check_store_tables()
+            specs = [spec for spec in self.config.tables if self.owned.get(spec.name)]
+            capacity = {spec.name: self._capacity_for(spec.name) for spec in specs}
+            served = self.ownership.served()
+            options = {
+                **self._ownership_args, "follow_dense": self.follow_dense,
+                "cache_capacity": self.cache_capacity if self._capacity_given else None,
+                "cache_policy": self.cache_policy, "warm_from_store": self.warm_from_store,
+                "probe_interval_s": self.probe_interval_s, "batch_messages": self.batch_messages,
+                "poll_timeout_s": self.poll_timeout_s, "kafka_config": self.kafka,
+                "ingest": "thread",
+            }  # fmt: skip
+            self._remote = IngestProcess(
+                {
+                    "config": self.config, "store": self.store_paths, "options": options,
+                    "log_level": logging.getLogger("streamhps").getEffectiveLevel(),
+                },
+                {s.name: NumpyCache.table_bytes(capacity[s.name], s.dim, s.dtype) for s in specs},
+                {t.name: t.partitions for t in self.config.tables if t.name in served},
+            )  # fmt: skip
+            self._remote.dense_callbacks = self._dense_callbacks
+            for spec in specs:
+                cache = NumpyCache(
+                    capacity[spec.name], spec.dim, spec.dtype, self.cache_policy,
+                    memory=self._remote.shared.cache_memory[spec.name],
+                )  # fmt: skip
+                window = cast(RecentRows, _WindowElsewhere())
+                self._tables[spec.name] = TableState(
+                    spec, self.config.topic(spec.name), cache, window
+                )
+            started = self._remote.start(timeout=max(120.0, 2 * self.store_wait_s))
+        except BaseException:
+            if self._remote is not None:
+                self._remote.stop()
+            self._close_resources()
+            raise
+        self._start_offsets = started["start_offsets"]
+        self._warmed = started["warmed"]
+        self.assigned_at = started["assigned_at"]
+        self._started = True
+        log.info(
+            "worker serving %s (cpu cache in shared memory, ingest in process %d), tables %s",
+            self.store_path, self._remote.pid, sorted(self._tables),
+        )  # fmt: skip
+        return self
+
     def stop(self) -> None:
         """Stop ingesting and release the consumer and the store."""
         if self._stopped:
             return
         self._stopped = True
         self._stop.set()
+        if self._remote is not None:
+            self._remote.stop()
         if self._ingest is not None:
             self._ingest.stop()
         if self._probe is not None:
@@ -458,6 +568,13 @@ class InferenceWorker:
             return "not started"
         if self._stopped:
             return "stopped"
+        if self._remote is not None:
+            if not self._remote.alive():
+                return f"ingest failed: {self._remote.exit_reason()}"
+            try:
+                return cast("str | None", self._remote.call("not_ready_reason"))
+            except StreamHPSError as e:
+                return f"ingest failed: {e}"
         ing = self._ingest
         if ing is None or ing.error is not None:
             return f"ingest failed: {ing.error if ing else 'no ingest thread'}"
@@ -492,14 +609,26 @@ class InferenceWorker:
         """Per table, per partition: ``seconds`` behind the head (see
         :mod:`streamhps.worker.staleness`), ``versions_behind``, ``applied_version``, ``offset``
         (next to consume), ``high_watermark`` and ``lag_messages``."""
+        if self._remote is not None:
+            return cast("dict[str, dict[int, dict[str, Any]]]", self._remote.call("staleness"))
         return self._tracker.report()
+
+    def _max_seconds(self, table: str) -> tuple[float, int]:
+        if self._remote is not None:
+            return max_seconds_of(self._remote.shared.caught_up[table])
+        return self._tracker.max_seconds(table)
+
+    def _ingest_failed(self) -> bool:
+        if self._remote is not None:
+            return not self._remote.running()
+        ing = self._ingest
+        return ing is None or ing.error is not None or not ing.alive()
 
     def _check_bound(self, table: str, timeout: float | None) -> None:
         deadline = time.monotonic() + (timeout or 0.0)
         while True:
-            secs, p = self._tracker.max_seconds(table)
-            ing = self._ingest
-            failed = ing is None or ing.error is not None or not ing.alive()
+            secs, p = self._max_seconds(table)
+            failed = self._ingest_failed()
             if secs <= self.max_staleness_s and not failed:
                 return
             if time.monotonic() >= deadline:
@@ -743,6 +872,11 @@ class InferenceWorker:
         self, missed: dict[str, np.ndarray], counts: dict[str, int]
     ) -> dict[str, np.ndarray]:
         """Rows of missed keys of several tables: :func:`~streamhps.worker.miss_path.resolve_misses`."""
+        if self._remote is not None:
+            remote = self._remote
+            return resolve_misses(
+                missed, counts, self._tables, self._reader(), remote, remote.windows
+            )
         fills = self._ingest.fills if self._ingest is not None else None
         return resolve_misses(missed, counts, self._tables, self._reader(), fills)
 
@@ -765,6 +899,8 @@ class InferenceWorker:
 
     def dense_model(self) -> tuple[int, dict[str, np.ndarray]] | None:
         """The newest dense model received: ``(version, name -> array)``, or None."""
+        if self._remote is not None:
+            return self._remote.dense
         return self._ingest.dense if self._ingest is not None else None
 
     def on_dense(self, callback: DenseCallback) -> None:
@@ -780,11 +916,15 @@ class InferenceWorker:
     def visible_latencies(self) -> tuple[np.ndarray, np.ndarray]:
         """``(seconds, rows)``: publish -> visible to :meth:`lookup` of recent messages (up to
         65536) and the rows each carried (weights: quantiles over rows, as users see them)."""
+        if self._remote is not None:
+            return cast("tuple[np.ndarray, np.ndarray]", self._remote.call("visible_latencies"))
         if self._ingest is None:
             return np.zeros(0), np.zeros(0, dtype=np.int64)
         return self._ingest.latencies_rows()
 
     def reset_latencies(self) -> None:
+        if self._remote is not None:
+            self._remote.call("reset_latencies")
         if self._ingest is not None:
             self._ingest.reset_latencies()
 
@@ -793,6 +933,8 @@ class InferenceWorker:
         (:data:`streamhps.worker.ingest.STAGES`), with the wall time, rows and applies, and
         where publish -> visible went since the last :meth:`reset_latencies`
         (``latency_split``: :meth:`Ingestor.latency_split`)."""
+        if self._remote is not None:
+            return cast("dict[str, Any]", self._remote.call("ingest_profile"))
         if self._ingest is None:
             return {}
         out = self._ingest.profile.snapshot()
@@ -804,6 +946,8 @@ class InferenceWorker:
         return out
 
     def reset_ingest_profile(self) -> None:
+        if self._remote is not None:
+            self._remote.call("reset_ingest_profile")
         if self._ingest is not None:
             self._ingest.profile.reset()
         for st in self._tables.values():
@@ -820,6 +964,12 @@ class InferenceWorker:
         return self._stats()
 
     def _stats(self) -> dict[str, Any]:
+        if self._remote is not None:
+            remote = cast("dict[str, Any]", self._remote.call("stats"))
+            with self._stats_lock:  # lookups are served here, not in the ingest process
+                remote["lookups"] = dict(self._lookup_counts)
+            remote["ingest_process"] = {"pid": self._remote.pid}
+            return remote
         ing = self._ingest
         out: dict[str, Any] = {"ready": self.ready(), "not_ready_reason": self.not_ready_reason()}
         if ing is not None:

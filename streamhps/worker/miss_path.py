@@ -7,9 +7,8 @@ to the cache as fills; keys no tier holds get the table's ``missing`` policy.
 
 from __future__ import annotations
 
-import queue
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,24 +16,41 @@ from streamhps.errors import StoreError, StreamHPSError
 from streamhps.worker.ingest import Fill, TableState
 from streamhps.worker.missing import fill_missing
 
+WindowReader = Callable[[dict[str, np.ndarray]], Mapping[str, tuple[int, tuple[Any, ...]]]]
+
+
+class FillSink(Protocol):
+    """Where fills go: the ingest thread's queue, or the ingest process."""
+
+    def put(self, fill: Fill) -> None: ...
+
 
 def resolve_misses(
     missed: dict[str, np.ndarray],
     counts: dict[str, int],
     tables: Mapping[str, TableState],
     store: Any,
-    fills: queue.SimpleQueue[Fill] | None,
+    fills: FillSink | None,
+    read_windows: WindowReader | None = None,
 ) -> dict[str, np.ndarray]:
     """Rows of missed keys of several tables (``table -> keys``, duplicates allowed; rows in
     the same order): window first, then ONE LMDB read transaction for every table, the
     higher version wins; ``fills`` for the cache (the ingest thread inserts them); then each
-    table's ``missing`` policy. ``counts`` gains where the rows came from."""
+    table's ``missing`` policy. ``counts`` gains where the rows came from.
+
+    ``read_windows``: table -> (epoch, window rows) of unique keys, where the windows live in
+    another process (:mod:`streamhps.worker.ingest_process`); default: ``tables``' windows."""
     uniq: dict[str, tuple[np.ndarray, np.ndarray]] = {
         t: np.unique(k, return_inverse=True) for t, k in missed.items()
     }
-    # each window's epoch before reading it: a prune after this point drops the fill
-    epochs = {t: tables[t].window.epoch for t in uniq}
-    windows = {t: tables[t].window.get(u) for t, (u, _) in uniq.items()}
+    if read_windows is None:
+        # each window's epoch before reading it: a prune after this point drops the fill
+        epochs = {t: tables[t].window.epoch for t in uniq}
+        windows = {t: tables[t].window.get(u) for t, (u, _) in uniq.items()}
+    else:
+        read = read_windows({t: u for t, (u, _) in uniq.items()})
+        epochs = {t: read[t][0] for t in uniq}
+        windows = {t: read[t][1] for t in uniq}
     try:
         stored = store.get_many({t: u for t, (u, _) in uniq.items()})
     except StoreError as e:

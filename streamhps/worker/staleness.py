@@ -45,12 +45,29 @@ import numpy as np
 _MAX_PENDING = 256
 
 
+def max_seconds_of(caught_up_at: np.ndarray, now: float | None = None) -> tuple[float, int]:
+    """(seconds, partition): the worst staleness of a table from its partitions' caught-up
+    times. Safe without the tracker's lock: the times only grow, and a read that races a write
+    sees the older, more stale, one."""
+    now = time.monotonic() if now is None else now
+    cu = caught_up_at.copy()
+    p = int(np.argmin(cu))
+    return float(now - cu[p]), p
+
+
 class _TableLag:
-    def __init__(self, partitions: int, owned: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        partitions: int,
+        owned: Sequence[int] | None = None,
+        caught_up_at: np.ndarray | None = None,
+    ) -> None:
         self.position = np.zeros(partitions, dtype=np.int64)  # next offset to consume
         self.high_watermark = np.full(partitions, -1, dtype=np.int64)
         self.fetched_hw = np.full(partitions, -1, dtype=np.int64)  # the consumer's, last fetch
-        self.caught_up_at = np.full(partitions, -math.inf)  # monotonic seconds
+        # monotonic seconds (CLOCK_MONOTONIC: one clock for every process of the machine)
+        self.caught_up_at = np.empty(partitions) if caught_up_at is None else caught_up_at
+        self.caught_up_at[:] = -math.inf
         # Partitions another shard serves: never the worst, never reported.
         self.owned = np.ones(partitions, dtype=bool)
         if owned is not None:
@@ -66,13 +83,22 @@ class LagTracker:
     """Per-partition position, head probes, caught-up time and applied version. Thread-safe."""
 
     def __init__(
-        self, partitions: dict[str, int], owned: Mapping[str, Sequence[int]] | None = None
+        self,
+        partitions: dict[str, int],
+        owned: Mapping[str, Sequence[int]] | None = None,
+        caught_up_at: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """``partitions``: table -> partition count; ``owned``: table -> the partitions this
-        worker serves (a sharded worker), default all."""
+        worker serves (a sharded worker), default all; ``caught_up_at``: table -> a float64
+        array of its partition count to keep the caught-up times in (memory a serving process
+        reads them from: :func:`max_seconds_of`)."""
         self._lock = threading.Lock()
         self._t = {
-            name: _TableLag(n, None if owned is None else owned.get(name, ()))
+            name: _TableLag(
+                n,
+                None if owned is None else owned.get(name, ()),
+                None if caught_up_at is None else caught_up_at[name],
+            )
             for name, n in partitions.items()
         }
         self.last_contact: float | None = None  # monotonic time of the last answered probe
@@ -145,11 +171,8 @@ class LagTracker:
 
     def max_seconds(self, table: str, now: float | None = None) -> tuple[float, int]:
         """Worst staleness of ``table`` in seconds and the partition that has it."""
-        now = time.monotonic() if now is None else now
         with self._lock:
-            cu = self._t[table].caught_up_at
-            p = int(np.argmin(cu))
-            return float(now - cu[p]), p
+            return max_seconds_of(self._t[table].caught_up_at, now)
 
     def position(self, table: str) -> np.ndarray:
         with self._lock:

@@ -318,3 +318,42 @@ def test_an_operation_under_the_lock_holds_off_gated_lookups_and_writes() -> Non
     v, hit = c.get_versions(keys)
     assert hit.all() and (v == 2).all()
     assert c.stats()["hits"] >= 100 and len(c) == 100
+
+
+def test_a_table_in_shared_memory_is_one_table_for_two_processes() -> None:
+    """``NumpyCache(memory=...)``: a process that attaches to the memory sees the rows the
+    first one wrote, and rows it writes are looked up by the first (a worker's ingest process
+    and its serving process, streamhps.worker.ingest_process); a fresh table zeroes it."""
+    nbytes = NumpyCache.table_bytes(1 << 12, 8, "float16")
+    memory = mmap.mmap(-1, nbytes)
+    np.frombuffer(memory, dtype=np.uint8)[:] = 0xAB  # garbage a fresh table must clear
+    here = NumpyCache(1 << 12, 8, "float16", memory=memory)
+    assert here.stats()["size"] == 0 and not here.lookup(np.arange(10, dtype=np.int64))[1].any()
+    keys = np.arange(1000, dtype=np.int64) * 7
+    here.upsert(keys, np.full((1000, 8), 1, np.float16), np.ones(1000, np.int64))
+
+    def other() -> None:
+        there = NumpyCache(1 << 12, 8, "float16", memory=memory, attach=True)
+        rows, hit = there.lookup(keys)
+        assert hit.all() and (rows == 1).all()
+        there.upsert_async(keys[:500], np.full((500, 8), 2, np.float16), np.full(500, 2))
+        os._exit(0)
+
+    child = multiprocessing.get_context("fork").Process(target=other)
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0
+    rows, hit = here.lookup(keys)
+    assert hit.all() and (rows[:500] == 2).all() and (rows[500:] == 1).all()
+    versions, _ = here.get_versions(keys)
+    assert (versions[:500] == 2).all() and (versions[500:] == 1).all()
+    # the operation clock is one for both: lookups there advanced it here
+    assert here._clock >= 4
+
+
+def test_memory_too_small_or_read_only_is_refused() -> None:
+    need = NumpyCache.table_bytes(1 << 10, 4)
+    with pytest.raises(CacheError, match=f"needs {need}"):
+        NumpyCache(1 << 10, 4, memory=bytearray(need - 1))
+    with pytest.raises(CacheError, match="writable"):
+        NumpyCache(1 << 10, 4, memory=bytes(need))

@@ -24,6 +24,10 @@ from .conftest import DIM, empty_store, table_rows, write_config
 
 pytestmark = pytest.mark.integration
 
+#: the worker's ingest on threads beside the lookups, or in a process of its own
+#: (streamhps.worker.ingest_process): the same behaviour either way
+INGEST = pytest.mark.parametrize("ingest", ["thread", "process"])
+
 
 def _wait(cond: Callable[[], bool], timeout: float, what: str) -> float:
     t0 = time.monotonic()
@@ -38,13 +42,16 @@ def _applied_everywhere(w: InferenceWorker, version: int) -> bool:
     return all(r["applied_version"] == version for r in w.staleness()["user"].values())
 
 
-def test_resident_rows_refreshed_within_a_second_of_commit(worker_env, tmp_path: Path) -> None:
+@INGEST
+def test_resident_rows_refreshed_within_a_second_of_commit(
+    worker_env, tmp_path: Path, ingest: str
+) -> None:
     _, cfg, pub = worker_env()
     store = empty_store(cfg, tmp_path / "store")
     keys = np.arange(5000, dtype=np.int64) * 7919
     pub.publish("user", keys, table_rows(keys, 1), 1)
     pub.commit(1)
-    with InferenceWorker(cfg, store) as w:
+    with InferenceWorker(cfg, store, ingest=ingest) as w:
         w.wait_ready(30)
         # ready means caught up with the head: every row of version 1 is served at once
         got = w.lookup("user", keys, consistency="bounded")
@@ -121,8 +128,9 @@ def test_lookup_input_errors_and_missing_policies(worker_env, tmp_path: Path) ->
             assert w.stats()["lookups"]["from_missing"] == 1
 
 
+@INGEST
 def test_no_stale_resurrection_while_the_processor_is_paused(
-    worker_env, processor_factory, tmp_path: Path
+    worker_env, processor_factory, tmp_path: Path, ingest: str
 ) -> None:
     """Newer versions of cold keys arrive while the processor is SIGSTOPped: LMDB still has the
     old rows, the worker has consumed the new ones; its read returns the newest."""
@@ -135,7 +143,7 @@ def test_no_stale_resurrection_while_the_processor_is_paused(
     pub.publish("user", keys, table_rows(keys, 1), 1)
     pub.commit(1)
     wait_for_applied_version(store, "user", 1, timeout=30, proc=proc)
-    with InferenceWorker(cfg, store) as w:
+    with InferenceWorker(cfg, store, ingest=ingest) as w:
         w.wait_ready(30)
         os.kill(proc.pid, signal.SIGSTOP)
         try:
@@ -166,8 +174,9 @@ def test_no_stale_resurrection_while_the_processor_is_paused(
         assert (w.lookup("user", keys)[:, 0] == 2).all()
 
 
+@INGEST
 def test_broker_killed_turns_worker_not_ready_and_bounded_reads_raise(
-    restartable_broker, prefix, tmp_path: Path
+    restartable_broker, prefix, tmp_path: Path, ingest: str
 ) -> None:
     from streamhps import Publisher
 
@@ -183,7 +192,7 @@ def test_broker_killed_turns_worker_not_ready_and_bounded_reads_raise(
         pub.create_topics()
         pub.publish("user", keys, table_rows(keys, 1), 1)
         pub.commit(1)
-    w = InferenceWorker(cfg, store).start()
+    w = InferenceWorker(cfg, store, ingest=ingest).start()
     try:
         w.wait_ready(30)
         assert (w.lookup("user", keys, consistency="bounded")[:, 0] == 1).all()
@@ -308,13 +317,14 @@ def test_bad_messages_are_skipped_with_their_reason_and_ingestion_continues(
     assert hi == lo  # no processor runs here, and the worker wrote nothing
 
 
-def test_dense_model_is_delivered(worker_env, tmp_path: Path) -> None:
+@INGEST
+def test_dense_model_is_delivered(worker_env, tmp_path: Path, ingest: str) -> None:
     _, cfg, pub = worker_env()
     store = empty_store(cfg, tmp_path / "store")
     pub.publish_dense({"w": np.ones((4, 3), np.float32)}, 1)
     pub.flush()
     seen: list[int] = []
-    with InferenceWorker(cfg, store) as w:
+    with InferenceWorker(cfg, store, ingest=ingest) as w:
         w.on_dense(lambda v, t: seen.append(v))
         _wait(lambda: w.dense_model() is not None, 5.0, "the dense model")
         pub.publish_dense({"w": np.full((4, 3), 2, np.float32), "b": np.zeros(3, np.float32)}, 2)

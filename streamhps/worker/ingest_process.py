@@ -1,0 +1,377 @@
+"""A cpu worker's ingest in a process of its own, lookups served from a table both processes map.
+
+``serving.ingest = "process"`` (or ``InferenceWorker(..., ingest="process")``, cpu workers only).
+
+Why: in one interpreter every lookup returns to Python after its compiled probe and waits for the
+GIL behind the ingest threads (the consumer's payload copies, decode, window, markers). On the
+H200 at half the raw-consume rate that made a cpu lookup's p99 2.7-3.3x its idle p99 whatever
+the switch interval (``bench/staleness.py --lookup-breakdown``); a writer in another process over
+the same table left it at 1.0-1.1x (``bench/ingest_apply.py --writer-process``).
+
+Layout: the serving process creates one anonymous memory file (``memfd``) holding every table's
+cache (:meth:`~streamhps.cache.numpy_backend.NumpyCache.table_bytes` each: rows, versions, scores
+and the table's gate, a ticket lock in that memory that works across processes), the caught-up
+time of every partition (:mod:`streamhps.worker.staleness`) and a status word, then starts
+``python -m streamhps.worker.ingest_process`` with the file and two socket pairs. The child runs
+an ordinary cpu :class:`~streamhps.worker.core.InferenceWorker` (consumer, fetch and apply
+threads, windows, tracker, head probe, warm-up) whose caches and caught-up times live in that
+memory; the serving process looks the caches up in place.
+
+What crosses the boundary, and how:
+
+* a hit: nothing (the shared table; its gate orders a lookup with each written piece);
+* readiness and bounded reads: the caught-up times and the status word, read in place;
+* a miss: one request to the child for the window's rows of every missed key of the request,
+  then LMDB is read here; the rows found go back to the child's apply thread as a fill, checked
+  against the window there as in a worker that ingests on threads (invariant 3 unchanged);
+* dense models: sent to the serving process as they arrive; callbacks run on its event thread;
+* stats, the staleness report, latencies, the ingest profile: requests.
+
+The child ignores SIGINT (its parent decides when it stops) and exits when its parent stops it or
+closes its end of the socket (the parent exited). Linux only (``memfd_create``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+
+from streamhps.errors import StreamHPSError
+from streamhps.processes import stop_process
+
+if TYPE_CHECKING:
+    from streamhps.worker.core import InferenceWorker
+    from streamhps.worker.ingest import Fill
+
+log = logging.getLogger(__name__)
+
+#: the status word: the child sets it once its worker started, and while its ingest runs
+STARTING, RUNNING, FAILED, STOPPED = 0, 1, 2, 3
+_ALIGN = 4096
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each part lives in the shared memory file: byte offsets and sizes."""
+
+    caches: dict[str, tuple[int, int]]  # table -> (offset, bytes)
+    caught_up: dict[str, tuple[int, int]]  # table -> (offset, partitions)
+    status: int  # offset of one int64
+    total: int
+
+    @staticmethod
+    def plan(cache_bytes: Mapping[str, int], partitions: Mapping[str, int]) -> Layout:
+        at = 0
+        caches: dict[str, tuple[int, int]] = {}
+        for name, size in cache_bytes.items():
+            caches[name] = (at, size)
+            at += -(-size // _ALIGN) * _ALIGN
+        caught_up: dict[str, tuple[int, int]] = {}
+        for name, n in partitions.items():
+            caught_up[name] = (at, n)
+            at += 8 * n
+        status = at
+        return Layout(caches, caught_up, status, -(-(at + 8) // _ALIGN) * _ALIGN)
+
+
+class SharedState:
+    """The views of one mapping of the shared memory file."""
+
+    def __init__(self, fd: int, layout: Layout) -> None:
+        self.layout = layout
+        self._map = mmap.mmap(fd, layout.total)
+        buf = np.frombuffer(self._map, dtype=np.uint8)
+        self.cache_memory = {n: buf[o : o + s] for n, (o, s) in layout.caches.items()}
+        self.caught_up = {
+            n: buf[o : o + 8 * p].view(np.float64) for n, (o, p) in layout.caught_up.items()
+        }
+        self.status = buf[layout.status : layout.status + 8].view(np.int64)
+
+
+def _memory_file(nbytes: int) -> int:
+    if not hasattr(os, "memfd_create"):
+        raise StreamHPSError(
+            "serving.ingest = 'process' needs memfd_create (Linux); use ingest = 'thread' here"
+        )
+    fd = os.memfd_create("streamhps-worker-tables", 0)
+    os.ftruncate(fd, nbytes)
+    return fd
+
+
+class IngestProcess:
+    """The serving process's side: the shared memory, the child process and the requests to it.
+
+    ``setup``: what the child builds its worker from (config, store, the worker's options);
+    ``cache_bytes``: table -> bytes of its cache; ``partitions``: table -> partition count.
+    """
+
+    def __init__(
+        self, setup: dict[str, Any], cache_bytes: Mapping[str, int], partitions: Mapping[str, int]
+    ) -> None:
+        self.layout = Layout.plan(cache_bytes, partitions)
+        self._fd = _memory_file(self.layout.total)
+        self.shared = SharedState(self._fd, self.layout)
+        self.shared.status[0] = STARTING
+        for a in self.shared.caught_up.values():
+            a[:] = -np.inf
+        self._setup = setup
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._req: Connection | None = None
+        self._events: Connection | None = None
+        self._lock = threading.Lock()  # one request on the connection at a time
+        self._events_thread: threading.Thread | None = None
+        self.dense: tuple[int, dict[str, np.ndarray]] | None = None
+        self.dense_callbacks: list[Callable[[int, dict[str, np.ndarray]], None]] = []
+        self.started: dict[str, Any] = {}
+        self._dropped_fills = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self, timeout: float) -> dict[str, Any]:
+        """Start the child and wait until its worker started (warm-up included); what it
+        reports (start offsets, warmed rows)."""
+        req_here, req_there = socket.socketpair()
+        ev_here, ev_there = socket.socketpair()
+        fds = (req_there.fileno(), ev_there.fileno(), self._fd)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "streamhps.worker.ingest_process", *map(str, fds)],
+                pass_fds=fds,
+            )
+        finally:
+            req_there.close()
+            ev_there.close()
+        self._req = Connection(req_here.detach())
+        self._events = Connection(ev_here.detach())
+        self._req.send({**self._setup, "layout": self.layout})
+        reply = self._reply(timeout, "starting its worker")
+        self.started = reply
+        self._events_thread = threading.Thread(
+            target=self._event_loop, name="streamhps-ingest-events", daemon=True
+        )
+        self._events_thread.start()
+        log.info("worker ingest process started (pid %d)", self._proc.pid)
+        return reply
+
+    def _reply(self, timeout: float, doing: str) -> Any:
+        assert self._req is not None
+        deadline = time.monotonic() + timeout
+        while not self._req.poll(0.05):
+            if not self.alive():
+                raise StreamHPSError(f"{self.exit_reason()} while {doing}; its log is above")
+            if time.monotonic() > deadline:
+                raise StreamHPSError(
+                    f"the worker's ingest process (pid {self.pid}) did not answer within "
+                    f"{timeout:.0f}s while {doing}"
+                )
+        try:
+            kind, value = self._req.recv()
+        except (EOFError, OSError):
+            raise StreamHPSError(f"{self.exit_reason()} while {doing}; its log is above") from None
+        if kind == "error":
+            raise value
+        return value
+
+    def call(self, method: str, *args: Any, timeout: float = 60.0) -> Any:
+        """``method(*args)`` of the child's worker, its result here."""
+        with self._lock:
+            if self._req is None or not self.alive():
+                raise StreamHPSError(f"{self.exit_reason()}; the worker cannot answer {method}()")
+            try:
+                self._req.send(("call", method, args))
+            except OSError:
+                raise StreamHPSError(
+                    f"{self.exit_reason()}; the worker cannot answer {method}()"
+                ) from None
+            return self._reply(timeout, f"answering {method}()")
+
+    def windows(self, keys: Mapping[str, np.ndarray]) -> dict[str, tuple[int, tuple[Any, ...]]]:
+        """table -> (window epoch, (vectors, versions, found)) of ``keys`` (unique, per table),
+        from the child's windows: the epoch read before the rows, as a miss path needs it."""
+        with self._lock:
+            if self._req is None or not self.alive():
+                raise StreamHPSError(f"{self.exit_reason()}; misses cannot be resolved")
+            self._req.send(("windows", dict(keys)))
+            return cast(
+                "dict[str, tuple[int, tuple[Any, ...]]]", self._reply(60.0, "reading its windows")
+            )
+
+    def put(self, fill: Fill) -> None:
+        """A read-through fill for the child's apply thread (no answer waited for)."""
+        with self._lock:
+            if self._req is None or not self.alive():
+                self._dropped_fills += 1
+                return
+            with contextlib.suppress(OSError):
+                self._req.send(("fill", fill))
+
+    # ---------------------------------------------------------------- state read in place
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def running(self) -> bool:
+        """The child's ingest runs (read in place: cheap enough for every bounded read)."""
+        return int(self.shared.status[0]) == RUNNING and self.alive()
+
+    def exit_reason(self) -> str:
+        if self._proc is None:
+            return "the worker's ingest process was not started"
+        rc = self._proc.poll()
+        if rc is None:
+            return f"the worker's ingest process (pid {self._proc.pid}) is running"
+        how = f"signal {-rc}" if rc < 0 else f"code {rc}"
+        return f"the worker's ingest process (pid {self._proc.pid}) exited with {how}"
+
+    # ---------------------------------------------------------------- events, stop
+
+    def _event_loop(self) -> None:
+        assert self._events is not None
+        while True:
+            try:
+                kind, *rest = self._events.recv()
+            except (EOFError, OSError):
+                return
+            if kind == "dense":
+                version, tensors = rest
+                self.dense = (version, tensors)
+                for cb in list(self.dense_callbacks):
+                    try:
+                        cb(version, tensors)
+                    except Exception:  # noqa: BLE001 - a bad callback must not stop the events
+                        log.exception("dense-model callback %r failed", cb)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self._proc is not None and self.alive() and self._req is not None:
+            with self._lock, contextlib.suppress(OSError, EOFError, StreamHPSError):
+                self._req.send(("stop",))
+                self._reply(timeout, "stopping")
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                stop_process(self._proc, name="worker ingest process")
+        for conn in (self._req, self._events):
+            if conn is not None:
+                conn.close()
+        if self._events_thread is not None:
+            self._events_thread.join(5.0)
+        if self._fd >= 0:
+            os.close(self._fd)  # the mapping stays valid while views of it live
+            self._fd = -1
+
+
+# -------------------------------------------------------------------- the child
+
+
+def _serve(req: Connection, worker: InferenceWorker) -> None:
+    """Answer the serving process until it says stop or closes its end."""
+    while True:
+        try:
+            msg = req.recv()
+        except (EOFError, OSError):
+            return
+        kind = msg[0]
+        if kind == "fill":
+            fills = worker._ingest.fills if worker._ingest is not None else None
+            if fills is not None:
+                fills.put(msg[1])
+            continue
+        if kind == "stop":
+            worker.stop()
+            req.send(("ok", None))
+            return
+        try:
+            if kind == "windows":
+                value: Any = {}
+                for t, keys in msg[1].items():
+                    window = worker._tables[t].window
+                    epoch = window.epoch  # before the rows: a prune after this drops the fill
+                    value[t] = (epoch, window.get(keys))
+            elif kind == "call":
+                value = getattr(worker, msg[1])(*msg[2])
+            else:
+                raise StreamHPSError(f"unknown request {kind!r} to the ingest process")
+            reply: tuple[str, Any] = ("ok", value)
+        except Exception as e:  # noqa: BLE001 - the serving process raises it
+            reply = ("error", e)
+        try:
+            req.send(reply)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            req.send(("error", StreamHPSError(f"{type(reply[1]).__name__}: {reply[1]}")))
+
+
+def _watch(worker: InferenceWorker, status: np.ndarray, stop: threading.Event) -> None:
+    """Keep the status word in step with the ingest thread (bounded reads read it in place)."""
+    while not stop.wait(0.01):
+        ing = worker._ingest
+        status[0] = RUNNING if ing is not None and ing.error is None and ing.alive() else FAILED
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process decides when this stops
+    req_fd, ev_fd, mem_fd = (int(a) for a in argv)
+    req, events = Connection(req_fd), Connection(ev_fd)
+    setup = req.recv()
+    logging.basicConfig(
+        level=setup.get("log_level", logging.WARNING),
+        format="%(asctime)s ingest[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    from streamhps.worker.core import InferenceWorker
+
+    shared = SharedState(mem_fd, setup["layout"])
+    try:
+        worker = InferenceWorker(setup["config"], setup["store"], "cpu", **setup["options"])
+        worker._use_shared(shared.cache_memory, shared.caught_up)
+        worker.start()
+    except BaseException as e:  # noqa: BLE001 - the serving process raises it
+        shared.status[0] = FAILED
+        try:
+            req.send(("error", e))
+        except (pickle.PicklingError, TypeError, AttributeError):
+            req.send(("error", StreamHPSError(f"{type(e).__name__}: {e}")))
+        return 1
+    send_lock = threading.Lock()
+
+    def dense(version: int, tensors: dict[str, np.ndarray]) -> None:
+        with send_lock, contextlib.suppress(OSError):
+            events.send(("dense", version, tensors))
+
+    stop = threading.Event()
+    shared.status[0] = RUNNING
+    watcher = threading.Thread(target=_watch, args=(worker, shared.status, stop), daemon=True)
+    watcher.start()
+    req.send(
+        ("ok", {"start_offsets": dict(worker._start_offsets), "warmed": dict(worker._warmed),
+                "assigned_at": worker.assigned_at})
+    )  # fmt: skip
+    worker.on_dense(dense)
+    try:
+        _serve(req, worker)
+    finally:
+        stop.set()
+        watcher.join()
+        worker.stop()
+        shared.status[0] = STOPPED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,143 @@
+"""A cpu worker whose ingest runs in a process of its own (``serving.ingest = "process"``): lookups
+served here from the cache both processes map, and the faults an operator meets with it.
+
+The worker's behaviour (freshness, the miss path and invariant 3, bounded reads when the broker
+goes away, dense models) is tested for both modes in ``test_worker_integration.py``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamhps import Config
+from streamhps.errors import ConfigError, StaleReadError
+from streamhps.worker import InferenceWorker
+
+from .conftest import empty_store, table_rows
+
+pytestmark = pytest.mark.integration
+
+
+def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_the_stream_is_consumed_in_another_process_and_served_here(
+    worker_env, tmp_path: Path
+) -> None:
+    _, cfg, pub = worker_env(serving={"ingest": "process"})
+    store = empty_store(cfg, tmp_path / "store")
+    keys = np.arange(4000, dtype=np.int64) * 13
+    pub.publish("user", keys, table_rows(keys, 1), 1)
+    pub.commit(1)
+    with InferenceWorker(cfg, store) as w:  # the mode from the config
+        assert w.ingest_mode == "process"
+        w.wait_ready(30)
+        pid = w.stats()["ingest_process"]["pid"]
+        assert pid != os.getpid() and _alive(pid)
+        # nothing of the ingest runs in this interpreter: no fetch or apply thread, no consumer
+        names = {t.name for t in threading.enumerate()}
+        assert not names & {"streamhps-ingest", "streamhps-fetch"}, names
+        assert w._consumer is None and w._ingest is None
+        assert (w.lookup("user", keys, consistency="bounded")[:, 0] == 1).all()
+        pub.publish("user", keys, table_rows(keys, 2), 2)
+        pub.commit(2)
+        _wait(lambda: bool((w.lookup("user", keys)[:, 0] == 2).all()), 2.0, "version 2 here")
+        s = w.stats()
+        # the other process wrote the rows; this one looked them up in the same table
+        assert s["ingest"]["rows"] >= 2 * keys.shape[0]
+        assert s["lookups"]["hits"] >= 2 * keys.shape[0] and s["lookups"]["misses"] == 0
+        assert s["tables"]["user"]["cache"]["size"] == keys.shape[0]
+        lat, rows = w.visible_latencies()
+        assert rows.sum() >= 2 * keys.shape[0] and (lat > 0).all()
+    _wait(lambda: not _alive(pid), 5.0, "the ingest process to exit after stop()")
+
+
+def test_ingest_process_killed_turns_the_worker_not_ready_and_eventual_reads_keep_serving(
+    worker_env, tmp_path: Path
+) -> None:
+    _, cfg, pub = worker_env()
+    store = empty_store(cfg, tmp_path / "store")
+    keys = np.arange(500, dtype=np.int64)
+    pub.publish("user", keys, table_rows(keys, 1), 1)
+    pub.commit(1)
+    w = InferenceWorker(cfg, store, ingest="process").start()
+    try:
+        w.wait_ready(30)
+        pid = w.stats()["ingest_process"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        _wait(lambda: not w.ready(), 5.0, "the worker to turn not-ready")
+        assert "exited with signal 9" in (w.not_ready_reason() or "")
+        with pytest.raises(StaleReadError, match="ingest"):
+            w.lookup("user", keys, consistency="bounded")
+        # the cache stays mapped here: what it holds is still served
+        assert (w.lookup("user", keys)[:, 0] == 1).all()
+        with pytest.raises(Exception, match="exited with signal 9"):
+            w.staleness()
+    finally:
+        t0 = time.monotonic()
+        w.stop()
+        assert time.monotonic() - t0 < 5
+
+
+def test_ingest_process_exits_when_the_serving_process_dies(worker_env, tmp_path: Path) -> None:
+    path, cfg, pub = worker_env()
+    store = empty_store(cfg, tmp_path / "store")
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from streamhps.worker import InferenceWorker
+        w = InferenceWorker.from_config({str(path)!r}, {str(store)!r}, ingest="process").start()
+        print(w.stats()["ingest_process"]["pid"], flush=True)
+        time.sleep(60)
+        """
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        assert line.strip().isdigit(), f"the serving process printed {line!r}"
+        child = int(line)
+        assert _alive(child)
+        parent.kill()  # no stop(): the child must notice by itself
+        parent.wait()
+        _wait(lambda: not _alive(child), 10.0, "the orphaned ingest process to exit")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_ingest_mode_is_checked(worker_env, tmp_path: Path) -> None:
+    _, cfg, _ = worker_env()
+    store = empty_store(cfg, tmp_path / "store")
+    with pytest.raises(ConfigError, match="cuda worker ingests on threads"):
+        InferenceWorker(cfg, store, device="cuda", ingest="process")
+    with pytest.raises(ConfigError, match="ingest must be one of"):
+        InferenceWorker(cfg, store, ingest="fork")
+    with pytest.raises(ConfigError, match="serving.ingest must be 'thread' or 'process'"):
+        Config.from_dict(
+            {"tables": [{"name": "t", "dim": 4, "partitions": 1}], "serving": {"ingest": "procs"}}
+        )
