@@ -543,7 +543,11 @@ class Ingestor:
             if newer.any():
                 f.vectors[newer] = wv[newer]
                 f.versions[newer] = wver[newer]
-            st.cache.upsert(f.keys, f.vectors, f.versions)
+            # As the stream's rows (keys of a fill are distinct): the numpy cache enters its gate
+            # inside the compiled write, so a lookup never waits for this thread to get the GIL
+            # back (``upsert`` holds the gate from Python: with the ingest in its own process
+            # that made the serving process's lookups wait for the child's GIL hand-overs)
+            st.cache.upsert_async(f.keys, f.vectors, f.versions, insert=True)
             self.counters.fills_applied += 1
 
     def _reject(self, m: Any, rejected: Rejected) -> None:

@@ -95,12 +95,23 @@ class SharedState:
     def __init__(self, fd: int, layout: Layout) -> None:
         self.layout = layout
         self._map = mmap.mmap(fd, layout.total)
+        # Huge pages where the kernel gives them to shared memory (shmem_enabled = advise):
+        # asked for before the first touch, which allocates the pages (the serving process's
+        # fresh tables write every page).
+        with contextlib.suppress(AttributeError, OSError):
+            self._map.madvise(mmap.MADV_HUGEPAGE)
         buf = np.frombuffer(self._map, dtype=np.uint8)
         self.cache_memory = {n: buf[o : o + s] for n, (o, s) in layout.caches.items()}
         self.caught_up = {
             n: buf[o : o + 8 * p].view(np.float64) for n, (o, p) in layout.caught_up.items()
         }
         self.status = buf[layout.status : layout.status + 8].view(np.int64)
+
+    def prefault(self) -> None:
+        """Map every page into this process now (a read per page): first touches would fault
+        on the ingest thread with the table's gate held (inserts into a cold table ran at half
+        speed: 490 vs 240-300 ns/row here)."""
+        int(np.frombuffer(self._map, dtype=np.uint8)[:: mmap.PAGESIZE].max())
 
 
 def _memory_file(nbytes: int) -> int:
@@ -337,6 +348,7 @@ def main(argv: list[str]) -> int:
     from streamhps.worker.core import InferenceWorker
 
     shared = SharedState(mem_fd, setup["layout"])
+    shared.prefault()
     try:
         worker = InferenceWorker(setup["config"], setup["store"], "cpu", **setup["options"])
         worker._use_shared(shared.cache_memory, shared.caught_up)
