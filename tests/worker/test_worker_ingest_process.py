@@ -141,3 +141,20 @@ def test_ingest_mode_is_checked(worker_env, tmp_path: Path) -> None:
         Config.from_dict(
             {"tables": [{"name": "t", "dim": 4, "partitions": 1}], "serving": {"ingest": "procs"}}
         )
+
+
+def test_a_worker_the_ingest_process_cannot_start_raises_its_error_here(
+    worker_env, tmp_path: Path
+) -> None:
+    """What fails in the child (here: a consumer setting librdkafka refuses) is raised by
+    ``start()`` in the serving process, with the child's words, and nothing is left running."""
+    _, cfg, _ = worker_env()
+    store = empty_store(cfg, tmp_path / "store")
+    w = InferenceWorker(cfg, store, ingest="process", kafka_config={"no.such.setting": 1})
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(Exception, match="no.such.setting"):
+        w.start()
+    assert not w.ready() and w.not_ready_reason() == "not started"
+    time.sleep(0.2)
+    assert {t.name for t in threading.enumerate()} <= before
+    assert w._remote is not None and not w._remote.alive()

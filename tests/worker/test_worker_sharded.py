@@ -67,12 +67,14 @@ def test_store_set_reads_each_partition_from_the_store_holding_it(two_stores) ->
         st.close()
 
 
-def test_a_sharded_worker_serves_only_its_partitions_from_both_stores(two_stores) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("ingest", ["thread", "process"])
+def test_a_sharded_worker_serves_only_its_partitions_from_both_stores(two_stores, ingest) -> None:  # type: ignore[no-untyped-def]
     _, cfg, pub, stores = two_stores
     # partitions 0 (processor 0's store) and 1 (processor 1's): both stores are needed
     w = InferenceWorker(
-        cfg, [stores / "0", stores / "1"], partitions={"user": [0, 1]}, follow_dense=False
-    )
+        cfg, [stores / "0", stores / "1"], partitions={"user": [0, 1]}, follow_dense=False,
+        ingest=ingest,
+    )  # fmt: skip
     with w:
         w.wait_ready(30)
         parts = partition_of(KEYS, 4)
@@ -91,12 +93,14 @@ def test_a_sharded_worker_serves_only_its_partitions_from_both_stores(two_stores
         w.lookup("user", mine, consistency="bounded", timeout=10)
 
 
-def test_a_placement_shard_refuses_keys_naming_the_owner_and_needs_every_store(two_stores) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("ingest", ["thread", "process"])
+def test_a_placement_shard_refuses_keys_naming_the_owner_and_needs_every_store(two_stores, ingest) -> None:  # type: ignore[no-untyped-def]
     _, cfg, _, stores = two_stores
     p = plan(cfg, 2, strategy="row")  # shard s: partitions p % 2 == s
     w = InferenceWorker(
-        cfg, stores, placement=p, shard=1, warm_from_store=False, follow_dense=False
-    ).start()
+        cfg, stores, placement=p, shard=1, warm_from_store=False, follow_dense=False,
+        ingest=ingest,
+    ).start()  # fmt: skip
     try:
         w.wait_ready(30)
         parts = partition_of(KEYS, 4)
