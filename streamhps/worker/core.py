@@ -415,6 +415,8 @@ class InferenceWorker:
         self._store = open_stores(self.store_paths)
         try:
             self._check_store_tables()
+            # here too: a Kafka setting the client refuses is raised as it is, before a child
+            ensure_topics(self.kafka, planned_topics(self.config.topic_prefix, self.config.tables))
             specs = [spec for spec in self.config.tables if self.owned.get(spec.name)]
             capacity = {spec.name: self._capacity_for(spec.name) for spec in specs}
             served = self.ownership.served()

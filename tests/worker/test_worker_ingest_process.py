@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from confluent_kafka import KafkaException
 
 from streamhps import Config
-from streamhps.errors import ConfigError, StaleReadError
+from streamhps.errors import ConfigError, StaleReadError, StreamHPSError
 from streamhps.worker import InferenceWorker
 
 from .conftest import empty_store, table_rows
@@ -143,18 +144,32 @@ def test_ingest_mode_is_checked(worker_env, tmp_path: Path) -> None:
         )
 
 
-def test_a_worker_the_ingest_process_cannot_start_raises_its_error_here(
-    worker_env, tmp_path: Path
+def test_an_ingest_process_that_dies_while_starting_fails_start_and_leaves_nothing(
+    worker_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What fails in the child (here: a consumer setting librdkafka refuses) is raised by
-    ``start()`` in the serving process, with the child's words, and nothing is left running."""
+    """A child that exits before its worker started (here: an interpreter that exits at once)
+    fails ``start()`` at once, saying so; nothing is left running."""
     _, cfg, _ = worker_env()
     store = empty_store(cfg, tmp_path / "store")
-    w = InferenceWorker(cfg, store, ingest="process", kafka_config={"no.such.setting": 1})
+    w = InferenceWorker(cfg, store, ingest="process")
     before = {t.name for t in threading.enumerate()}
-    with pytest.raises(Exception, match="no.such.setting"):
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+    t0 = time.monotonic()
+    with pytest.raises(StreamHPSError, match="exited with code 1 while starting its worker"):
         w.start()
+    assert time.monotonic() - t0 < 10
     assert not w.ready() and w.not_ready_reason() == "not started"
     time.sleep(0.2)
     assert {t.name for t in threading.enumerate()} <= before
     assert w._remote is not None and not w._remote.alive()
+
+
+def test_a_kafka_setting_the_client_refuses_is_raised_as_in_thread_mode(
+    worker_env, tmp_path: Path
+) -> None:
+    _, cfg, _ = worker_env()
+    store = empty_store(cfg, tmp_path / "store")
+    w = InferenceWorker(cfg, store, ingest="process", kafka_config={"no.such.setting": 1})
+    with pytest.raises(KafkaException, match="no.such.setting"):
+        w.start()
+    assert w._remote is None  # refused before a child was started
