@@ -24,9 +24,9 @@
    sends that many rows/s in 10 ms ticks for ``--seconds`` to a fresh topic, read by
 
    * the raw consumer: publish -> delivered latency of every message (the ceiling);
-   * each ``--devices`` worker (cpu = numpy cache, cuda = CuPy cache, cpu-process = numpy
-     cache with the ingest in a process of its own, ``serving.ingest = "process"``), ready
-     and warm:
+   * each ``--devices`` worker (cpu = numpy cache, cuda = CuPy cache, each with the default
+     ``serving.ingest = "auto"``: a cpu worker ingests in a process of its own, a cuda worker on
+     threads; cpu-thread / cpu-process name the cpu worker's mode), ready and warm:
      publish -> visible of rows, from the worker's own record (``visible_latencies``: stamped
      when the rows are visible to ``lookup``, every message weighted by its rows) and from an
      outside probe that polls ``lookup`` for a key of the newest batch until its new version
@@ -49,7 +49,7 @@ Writes the JSON (``--out``) and an SVG plot of the curve beside it (same name, `
 
     python bench/staleness.py --devices cpu                 # embedded broker, 2-core machine
     python bench/staleness.py --devices cuda cpu --rows 1000000 --out $OUT/staleness.json
-    python bench/staleness.py --devices cpu cpu-process --fractions 0.1 0.25 0.5 --lookup-breakdown
+    python bench/staleness.py --devices cpu-thread cpu-process --fractions 0.1 0.25 0.5 --lookup-breakdown
 """
 
 from __future__ import annotations
@@ -146,11 +146,11 @@ def raw_consume(bootstrap: str, topic: str, partitions: int, messages: int) -> f
 
 
 def make_worker(cfg: Config, device: str) -> InferenceWorker:
-    """``cpu``, ``cuda``, or ``cpu-process``: a cpu worker whose ingest runs in a process of its
-    own (``serving.ingest = "process"``; the bench's ``--piece-rows``, ``--switch-interval``
-    and consumer overrides reach the serving process only)."""
+    """``cpu`` or ``cuda`` (``serving.ingest = "auto"``: a cpu worker ingests in a process of
+    its own), ``cpu-thread`` or ``cpu-process`` (each mode named; in a child the bench's
+    ``--piece-rows``, ``--switch-interval`` and consumer overrides do not reach the ingest)."""
     dev, _, mode = device.partition("-")
-    return InferenceWorker(cfg, empty_store(cfg), device=dev, ingest=mode or "thread")
+    return InferenceWorker(cfg, empty_store(cfg), device=dev, ingest=mode or None)
 
 
 def worker_ingest(cfg: Config, sentinels: np.ndarray, device: str) -> dict[str, Any]:
@@ -670,7 +670,12 @@ def main() -> None:
     ap.add_argument("--partitions", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=4.0, help="publishing time per curve point")
-    ap.add_argument("--devices", nargs="+", default=["cpu"], choices=["cpu", "cuda", "cpu-process"])
+    ap.add_argument(
+        "--devices",
+        nargs="+",
+        default=["cpu"],
+        choices=["cpu", "cuda", "cpu-thread", "cpu-process"],
+    )
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75, 0.9])
     ap.add_argument(
         "--raw-max", type=float, default=None,

@@ -95,10 +95,11 @@ log = logging.getLogger(__name__)
 # 8 tables: 2 048 keys serial 0.51 ms; 8 192 keys on threads 4.5 ms (serial ~2 ms: the numpy
 # probe holds the GIL for most of a table); 32 768 keys on threads 4.3 ms (serial ~8 ms).
 _PARALLEL_KEYS = 16384
-#: where a worker ingests: "thread" (fetch and apply threads in the serving process) or
+#: where a worker ingests: "thread" (fetch and apply threads in the serving process),
 #: "process" (a cpu worker's ingest in a child process, its cache in shared memory:
-#: :mod:`streamhps.worker.ingest_process`)
-INGEST_MODES = ("thread", "process")
+#: :mod:`streamhps.worker.ingest_process`), "auto" (process on cpu where the OS has memfd,
+#: thread on cuda)
+INGEST_MODES = ("auto", "thread", "process")
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",  # a stored offset beyond the log (history lost): reread all
@@ -165,16 +166,19 @@ class InferenceWorker:
         m = _DEVICE_RE.match(device) if isinstance(device, str) else None
         if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        self.ingest_mode = config.serving.ingest if ingest is None else ingest
-        if self.ingest_mode not in INGEST_MODES:
+        mode = config.serving.ingest if ingest is None else ingest
+        if mode not in INGEST_MODES:
             raise ConfigError(
-                f"ingest must be one of {INGEST_MODES} (serving.ingest), got {self.ingest_mode!r}"
+                f"ingest must be one of {INGEST_MODES} (serving.ingest), got {mode!r}"
             )
-        if self.ingest_mode == "process" and m.group(1) != "cpu":
+        if mode == "process" and m.group(1) != "cpu":
             raise ConfigError(
                 "ingest = 'process' serves a cpu worker's cache from shared memory; a cuda "
-                "worker ingests on threads (set serving.ingest = 'thread' or device='cpu')"
+                "worker ingests on threads (set serving.ingest = 'auto' or 'thread', or device='cpu')"
             )
+        if mode == "auto":
+            mode = "process" if m.group(1) == "cpu" and hasattr(os, "memfd_create") else "thread"
+        self.ingest_mode = mode  # "thread" or "process"
         self.config = config
         self._store_arg = store
         # seconds start() waits for a store the processor has not created yet (progress logged)

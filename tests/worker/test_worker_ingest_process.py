@@ -138,7 +138,11 @@ def test_ingest_mode_is_checked(worker_env, tmp_path: Path) -> None:
         InferenceWorker(cfg, store, device="cuda", ingest="process")
     with pytest.raises(ConfigError, match="ingest must be one of"):
         InferenceWorker(cfg, store, ingest="fork")
-    with pytest.raises(ConfigError, match="serving.ingest must be 'thread' or 'process'"):
+    # the default: a cpu worker ingests in a process of its own, a cuda worker on threads
+    assert cfg.serving.ingest == "auto"
+    assert InferenceWorker(cfg, store).ingest_mode == "process"
+    assert InferenceWorker(cfg, store, device="cuda").ingest_mode == "thread"
+    with pytest.raises(ConfigError, match="serving.ingest must be 'auto', 'thread' or 'process'"):
         Config.from_dict(
             {"tables": [{"name": "t", "dim": 4, "partitions": 1}], "serving": {"ingest": "procs"}}
         )

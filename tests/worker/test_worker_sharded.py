@@ -94,7 +94,9 @@ def test_a_sharded_worker_serves_only_its_partitions_from_both_stores(two_stores
 
 
 @pytest.mark.parametrize("ingest", ["thread", "process"])
-def test_a_placement_shard_refuses_keys_naming_the_owner_and_needs_every_store(two_stores, ingest) -> None:  # type: ignore[no-untyped-def]
+def test_a_placement_shard_refuses_keys_naming_the_owner_and_needs_every_store(
+    two_stores, ingest
+) -> None:  # type: ignore[no-untyped-def]
     _, cfg, _, stores = two_stores
     p = plan(cfg, 2, strategy="row")  # shard s: partitions p % 2 == s
     w = InferenceWorker(
