@@ -171,7 +171,10 @@ class IngestProcess:
             ev_there.close()
         self._req = Connection(req_here.detach())
         self._events = Connection(ev_here.detach())
-        self._req.send({**self._setup, "layout": self.layout})
+        try:
+            self._req.send({**self._setup, "layout": self.layout})
+        except OSError:  # it exited before reading what to run
+            raise self._gone("starting its worker") from None
         reply = self._reply(timeout, "starting its worker")
         self.started = reply
         self._events_thread = threading.Thread(
@@ -195,10 +198,18 @@ class IngestProcess:
         try:
             kind, value = self._req.recv()
         except (EOFError, OSError):
-            raise StreamHPSError(f"{self.exit_reason()} while {doing}; its log is above") from None
+            raise self._gone(doing) from None
         if kind == "error":
             raise value
         return value
+
+    def _gone(self, doing: str) -> StreamHPSError:
+        """The error for a child whose end of the socket closed (waiting a little for its
+        exit status, which follows)."""
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(5.0)
+        return StreamHPSError(f"{self.exit_reason()} while {doing}; its log is above")
 
     def call(self, method: str, *args: Any, timeout: float = 60.0) -> Any:
         """``method(*args)`` of the child's worker, its result here."""
