@@ -125,7 +125,9 @@ class _WindowElsewhere:
 
 class InferenceWorker:
     """One worker per GPU (or CPU process). Thread-safe lookups; ingest on two threads (fetch:
-    consume and decode; apply: window and cache writes, :mod:`streamhps.worker.ingest`).
+    consume and decode; apply: window and cache writes, :mod:`streamhps.worker.ingest`), in
+    this process or, for a cpu worker by default, in a child process that writes the cache in
+    memory both map (``ingest``, :mod:`streamhps.worker.ingest_process`).
 
     ``config``: the deployment :class:`~streamhps.config.Config`; ``store``: the LMDB directory
     the processor writes (or several, one per processor shard, or a directory of them: see
@@ -141,6 +143,8 @@ class InferenceWorker:
     only that shard's partitions, with caches of the placement's ``cache_rows``; or
     ``partitions``: an explicit ``table -> partitions`` mapping. ``follow_dense=False``: do not
     consume the dense-model topic (a sparse shard answers lookups only).
+    ``ingest``: ``"auto"``, ``"thread"`` or ``"process"`` (default: ``serving.ingest``; see
+    :class:`~streamhps.config.ServingSettings`).
     """
 
     def __init__(
