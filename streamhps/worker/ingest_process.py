@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -161,10 +162,16 @@ class IngestProcess:
         req_here, req_there = socket.socketpair()
         ev_here, ev_there = socket.socketpair()
         fds = (req_there.fileno(), ev_there.fileno(), self._fd)
+        # The child imports the streamhps this process runs, wherever it came from (an
+        # install, PYTHONPATH, or a path a script put on sys.path at run time).
+        here = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "streamhps.worker.ingest_process", *map(str, fds)],
                 pass_fds=fds,
+                env=env,
             )
         finally:
             req_there.close()

@@ -177,3 +177,51 @@ def test_a_kafka_setting_the_client_refuses_is_raised_as_in_thread_mode(
     with pytest.raises(KafkaException, match="no.such.setting"):
         w.start()
     assert w._remote is None  # refused before a child was started
+
+
+def test_the_child_imports_the_streamhps_of_its_parent(worker_env, tmp_path: Path) -> None:
+    """A serving process that found streamhps through a path put on ``sys.path`` at run time (a
+    checkout, not the install) starts an ingest process that runs the same code: the child is
+    told where the package lives. The copy's child entry point leaves a mark when it runs."""
+    import shutil
+
+    import streamhps
+
+    path, cfg, pub = worker_env()
+    store = empty_store(cfg, tmp_path / "store")
+    keys = np.arange(100, dtype=np.int64)
+    pub.publish("user", keys, table_rows(keys, 1), 1)
+    pub.commit(1)
+    checkout, mark = tmp_path / "checkout", tmp_path / "child-ran-the-checkout"
+    shutil.copytree(
+        Path(streamhps.__file__).parent, checkout / "streamhps",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )  # fmt: skip
+    entry = checkout / "streamhps" / "worker" / "ingest_process.py"
+    code = entry.read_text()
+    future = "from __future__ import annotations\n"
+    entry.write_text(
+        code.replace(
+            future,
+            future + f"if __name__ == '__main__': open({str(mark)!r}, 'w').write(__file__)\n",
+            1,
+        )
+    )
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(checkout)!r})
+        import streamhps
+        assert streamhps.__file__.startswith({str(checkout)!r}), streamhps.__file__
+        from streamhps.worker import InferenceWorker
+        with InferenceWorker.from_config({str(path)!r}, {str(store)!r}, ingest="process") as w:
+            w.wait_ready(30)
+            print(int(w.lookup("user", list(range(100)))[:, 0].min()), flush=True)
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip() == "1"
+    assert mark.read_text().startswith(str(checkout))
