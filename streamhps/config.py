@@ -162,8 +162,11 @@ class ServingSettings:
     (:mod:`streamhps.worker.ingest_process`): lookups no longer wait for the GIL behind ingest
     (H200, half the raw-consume rate: lookup p99 1.1x idle instead of 3.7x), for one more
     process per worker, ~0.7 s more to start and a round trip to it per request that misses.
-    ``"auto"`` (default): ``"process"`` on a cpu worker, ``"thread"`` on a cuda worker (whose
-    cache lives in GPU memory the child could not share without CUDA IPC).
+    ``"auto"`` (default): ``"process"`` on a cpu worker that may run on at least 4 cores,
+    else ``"thread"``: on 2 cores the child and the serving threads compete for the cores
+    instead of the GIL (there, at 25 % of the raw maximum, the child fell behind where threads
+    kept up); a cuda worker ingests on threads (its cache lives in GPU memory the child could
+    not share without CUDA IPC).
     """
 
     max_staleness_s: float = field(default=1.0, metadata=_limits(exclusiveMinimum=0))

@@ -97,8 +97,8 @@ log = logging.getLogger(__name__)
 _PARALLEL_KEYS = 16384
 #: where a worker ingests: "thread" (fetch and apply threads in the serving process),
 #: "process" (a cpu worker's ingest in a child process, its cache in shared memory:
-#: :mod:`streamhps.worker.ingest_process`), "auto" (process on cpu where the OS has memfd,
-#: thread on cuda)
+#: :mod:`streamhps.worker.ingest_process`), "auto" (process on a cpu worker with at least
+#: INGEST_PROCESS_MIN_CORES cores, thread otherwise)
 INGEST_MODES = ("auto", "thread", "process")
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -112,6 +112,22 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "max.partition.fetch.bytes": 8 << 20,
     "queued.max.messages.kbytes": 256 << 10,
 }
+
+
+#: cores below which ``serving.ingest = "auto"`` keeps a cpu worker's ingest on threads: the
+#: child's fetch and apply threads and the serving threads then compete for cores instead of
+#: the GIL (2 cores, bench/staleness.py at 25 % of the raw maximum: the child fell 1.6 s
+#: behind where threads kept up, p99 46 ms; 16 cores: lookups 1.1x idle instead of 3.4x)
+INGEST_PROCESS_MIN_CORES = 4
+
+
+def _cores_for_an_ingest_process() -> bool:
+    """Enough cores for ``"auto"`` to choose the ingest process, and memfd (Linux)."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may run on
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return cores >= INGEST_PROCESS_MIN_CORES and hasattr(os, "memfd_create")
 
 
 class _WindowElsewhere:
@@ -181,7 +197,7 @@ class InferenceWorker:
                 "worker ingests on threads (set serving.ingest = 'auto' or 'thread', or device='cpu')"
             )
         if mode == "auto":
-            mode = "process" if m.group(1) == "cpu" and hasattr(os, "memfd_create") else "thread"
+            mode = "process" if m.group(1) == "cpu" and _cores_for_an_ingest_process() else "thread"
         self.ingest_mode = mode  # "thread" or "process"
         self.config = config
         self._store_arg = store

@@ -21,7 +21,7 @@ from confluent_kafka import KafkaException
 
 from streamhps import Config
 from streamhps.errors import ConfigError, StaleReadError, StreamHPSError
-from streamhps.worker import InferenceWorker
+from streamhps.worker import InferenceWorker, core
 
 from .conftest import empty_store, table_rows
 
@@ -110,7 +110,7 @@ def test_ingest_process_exits_when_the_serving_process_dies(worker_env, tmp_path
     script = textwrap.dedent(
         f"""
         import sys, time
-        from streamhps.worker import InferenceWorker
+        from streamhps.worker import InferenceWorker, core
         w = InferenceWorker.from_config({str(path)!r}, {str(store)!r}, ingest="process").start()
         print(w.stats()["ingest_process"]["pid"], flush=True)
         time.sleep(60)
@@ -131,17 +131,26 @@ def test_ingest_process_exits_when_the_serving_process_dies(worker_env, tmp_path
             parent.kill()
 
 
-def test_ingest_mode_is_checked(worker_env, tmp_path: Path) -> None:
+def test_ingest_mode_is_checked(
+    worker_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, cfg, _ = worker_env()
     store = empty_store(cfg, tmp_path / "store")
     with pytest.raises(ConfigError, match="cuda worker ingests on threads"):
         InferenceWorker(cfg, store, device="cuda", ingest="process")
     with pytest.raises(ConfigError, match="ingest must be one of"):
         InferenceWorker(cfg, store, ingest="fork")
-    # the default: a cpu worker ingests in a process of its own, a cuda worker on threads
+    # the default: a cpu worker with the cores for it ingests in a process of its own, a cuda
+    # worker on threads
     assert cfg.serving.ingest == "auto"
-    assert InferenceWorker(cfg, store).ingest_mode == "process"
+    cores = len(os.sched_getaffinity(0))
+    expected = "process" if cores >= core.INGEST_PROCESS_MIN_CORES else "thread"
+    assert InferenceWorker(cfg, store).ingest_mode == expected
     assert InferenceWorker(cfg, store, device="cuda").ingest_mode == "thread"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert InferenceWorker(cfg, store).ingest_mode == "process"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert InferenceWorker(cfg, store).ingest_mode == "thread"
     with pytest.raises(ConfigError, match="serving.ingest must be 'auto', 'thread' or 'process'"):
         Config.from_dict(
             {"tables": [{"name": "t", "dim": 4, "partitions": 1}], "serving": {"ingest": "procs"}}
@@ -213,7 +222,7 @@ def test_the_child_imports_the_streamhps_of_its_parent(worker_env, tmp_path: Pat
         sys.path.insert(0, {str(checkout)!r})
         import streamhps
         assert streamhps.__file__.startswith({str(checkout)!r}), streamhps.__file__
-        from streamhps.worker import InferenceWorker
+        from streamhps.worker import InferenceWorker, core
         with InferenceWorker.from_config({str(path)!r}, {str(store)!r}, ingest="process") as w:
             w.wait_ready(30)
             print(int(w.lookup("user", list(range(100)))[:, 0].min()), flush=True)
