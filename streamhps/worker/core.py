@@ -644,6 +644,14 @@ class InferenceWorker:
             return max_seconds_of(self._remote.shared.caught_up[table])
         return self._tracker.max_seconds(table)
 
+    def _ingest_failure(self) -> str:
+        """Why reads cannot be bounded: the ingest stopped (a thread, or the child process)."""
+        if self._remote is not None:
+            if not self._remote.alive():
+                return f"its ingest stopped: {self._remote.exit_reason()}"
+            return "its ingest process is not ingesting (see its log)"
+        return "its ingest thread is not running"
+
     def _ingest_failed(self) -> bool:
         if self._remote is not None:
             return not self._remote.running()
@@ -659,7 +667,7 @@ class InferenceWorker:
                 return
             if time.monotonic() >= deadline:
                 what = (
-                    "its ingest thread is not running"
+                    self._ingest_failure()
                     if failed
                     else f"partition {p} is {secs:.2f}s behind the head"
                 )
