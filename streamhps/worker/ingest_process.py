@@ -1,12 +1,17 @@
 """A cpu worker's ingest in a process of its own, lookups served from a table both processes map.
 
-``serving.ingest = "process"`` (or ``InferenceWorker(..., ingest="process")``, cpu workers only).
+``serving.ingest = "process"`` (or ``InferenceWorker(..., ingest="process")``, cpu workers only;
+``"auto"``, the default, chooses it on a cpu worker with at least 4 cores).
 
 Why: in one interpreter every lookup returns to Python after its compiled probe and waits for the
 GIL behind the ingest threads (the consumer's payload copies, decode, window, markers). On the
-H200 at half the raw-consume rate that made a cpu lookup's p99 2.7-3.3x its idle p99 whatever
-the switch interval (``bench/staleness.py --lookup-breakdown``); a writer in another process over
-the same table left it at 1.0-1.1x (``bench/ingest_apply.py --writer-process``).
+H200 at half the raw-consume rate that made a cpu lookup's p99 2.7-4.0x its idle p99 whatever
+the switch interval (``bench/staleness.py --lookup-breakdown``); with the ingest here it is
+1.07-1.30x (``bench/staleness.py --devices cpu-process cpu-thread``, two runs).
+
+Costs: one more process per worker (~0.7 s more to start); a request that misses the cache
+waits for one round trip to the child, which answers on one thread between its ingest threads'
+turns at its GIL, one request at a time; statistics are requests too.
 
 Layout: the serving process creates one anonymous memory file (``memfd``) holding every table's
 cache (:meth:`~streamhps.cache.numpy_backend.NumpyCache.table_bytes` each: rows, versions, scores
