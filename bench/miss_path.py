@@ -7,8 +7,11 @@ cache and finds them in the worker's window of recent rows, which lives in the i
 in ``"process"`` mode (one request there and back). Timed: ``lookup`` of ``--keys`` such keys
 (a fresh set each time, so that the read-through fill of one lookup does not turn the next into
 hits), against the ceiling of the same lookup of keys the cache holds, in the same worker.
+Then ``--threads`` threads at once, each looking up 256 fresh missed keys at a time: lookups
+per second of all of them (in ``"process"`` mode over ``DATA_CONNECTIONS`` connections to the
+child, and over one, as before they were pooled).
 
-    python bench/miss_path.py [--rows 200000] [--keys 16 256 4096] [--out bench/results/miss_path.json]
+    python bench/miss_path.py [--rows 400000] [--keys 16 256 4096] [--threads 8] [--out bench/results/miss_path.json]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import os
 import platform
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -28,7 +32,7 @@ from report import write_json
 from streamhps import Config, Publisher
 from streamhps.broker import EmbeddedBroker
 from streamhps.store import LmdbStore
-from streamhps.worker import InferenceWorker
+from streamhps.worker import InferenceWorker, ingest_process
 
 DIM = 64
 
@@ -61,7 +65,26 @@ def timed(w: InferenceWorker, key_sets: list[np.ndarray]) -> np.ndarray:
     return out * 1e3
 
 
-def run_mode(cfg: Config, mode: str, rows: int, sizes: list[int], reps: int) -> dict[str, Any]:
+def concurrent(w: InferenceWorker, key_sets: list[np.ndarray], threads: int) -> float:
+    """Lookups per second of ``threads`` threads sharing ``key_sets``."""
+    parts = [key_sets[i::threads] for i in range(threads)]
+
+    def run(sets: list[np.ndarray]) -> None:
+        for k in sets:
+            w.lookup("emb", k)
+
+    ts = [threading.Thread(target=run, args=(p,)) for p in parts]
+    t0 = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return len(key_sets) / (time.perf_counter() - t0)
+
+
+def run_mode(
+    cfg: Config, mode: str, rows: int, sizes: list[int], reps: int, threads: int
+) -> dict[str, Any]:
     store = tempfile.mkdtemp(prefix="miss-store-")
     with LmdbStore.open(store, readonly=False) as st:
         st.ensure_tables({t.name: t for t in cfg.tables})
@@ -94,6 +117,10 @@ def run_mode(cfg: Config, mode: str, rows: int, sizes: list[int], reps: int) -> 
                 "hit_p50_ms": float(np.percentile(hit_ms, 50)),
                 "hit_p99_ms": float(np.percentile(hit_ms, 99)),
             }
+        left = cold[used:]
+        sets = [left[i : i + 256] for i in range(0, left.shape[0] - 255, 256)][: 40 * threads]
+        out["concurrent"] = {"threads": threads, "lookups": len(sets), "keys": 256,
+                             "lookups_per_s": concurrent(w, sets, threads)}  # fmt: skip
         s = w.stats()["lookups"]
         out["from_window"] = s["from_window"]
     return out
@@ -103,9 +130,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--rows", type=int, default=400_000)
     ap.add_argument("--keys", type=int, nargs="+", default=[16, 256, 4096])
     ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=8)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "miss_path.json"))
     args = ap.parse_args()
     broker = EmbeddedBroker(port=0).start()
@@ -122,20 +150,31 @@ def main() -> None:
             "benchmark": "miss_path", "machine": platform.platform(), "cpu_count": os.cpu_count(),
             "args": vars(args), "modes": {},
         }  # fmt: skip
-        for mode in ("thread", "process"):
-            print(f"ingest = {mode!r} ...", flush=True)
-            res["modes"][mode] = run_mode(cfg, mode, args.rows, args.keys, args.reps)
+        pooled = ingest_process.DATA_CONNECTIONS
+        for name, mode, conns in (("thread", "thread", pooled), ("process", "process", pooled),
+                                  ("process-1-connection", "process", 1)):  # fmt: skip
+            print(f"ingest = {mode!r} ({name}) ...", flush=True)
+            ingest_process.DATA_CONNECTIONS = conns
+            res["modes"][name] = run_mode(cfg, mode, args.rows, args.keys, args.reps, args.threads)
+        ingest_process.DATA_CONNECTIONS = pooled
     finally:
         broker.stop()
     print("\nlookup of keys the cache misses (rows from the window) vs keys it holds (ms)")
     print("| keys | ingest | miss p50 / p99 | hit p50 / p99 (ceiling) | miss p50 / hit p50 |")
     print("|---|---|---|---|---|")
     for n in map(str, args.keys):
-        for mode, r in res["modes"].items():
+        for mode, r in list(res["modes"].items())[:2]:
             x = r[n]
             print(f"| {n} | {mode} | {x['miss_p50_ms']:.2f} / {x['miss_p99_ms']:.2f} | "
                   f"{x['hit_p50_ms']:.2f} / {x['hit_p99_ms']:.2f} | "
                   f"{x['miss_p50_ms'] / x['hit_p50_ms']:.1f}x |")  # fmt: skip
+    print(f"\n{args.threads} threads at once, 256 missed keys per lookup")
+    print("| ingest | lookups/s | vs thread |")
+    print("|---|---|---|")
+    base = res["modes"]["thread"]["concurrent"]["lookups_per_s"]
+    for mode, r in res["modes"].items():
+        c = r["concurrent"]["lookups_per_s"]
+        print(f"| {mode} | {c:,.0f} | {c / base:.2f}x |")
     write_json(args.out, res)
 
 

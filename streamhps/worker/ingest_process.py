@@ -43,6 +43,7 @@ import logging
 import mmap
 import os
 import pickle
+import queue
 import signal
 import socket
 import subprocess
@@ -69,6 +70,10 @@ log = logging.getLogger(__name__)
 #: the status word: the child sets it once its worker started, and while its ingest runs
 STARTING, RUNNING, FAILED, STOPPED = 0, 1, 2, 3
 _ALIGN = 4096
+#: connections the serving process sends misses and fills on, each answered by its own thread
+#: in the child: requests of several serving threads overlap (their LMDB reads here, the
+#: transfers, the window reads that release the child's GIL)
+DATA_CONNECTIONS = 4
 
 
 @dataclass(frozen=True)
@@ -148,14 +153,15 @@ class IngestProcess:
             a[:] = -np.inf
         self._setup = setup
         self._proc: subprocess.Popen[bytes] | None = None
-        self._req: Connection | None = None
+        self._req: Connection | None = None  # setup, calls, stop: one at a time (_lock)
         self._events: Connection | None = None
-        self._lock = threading.Lock()  # one request on the connection at a time
+        self._lock = threading.Lock()
+        self._data: list[Connection] = []  # misses and fills: one request per connection
+        self._free: queue.SimpleQueue[Connection] = queue.SimpleQueue()
         self._events_thread: threading.Thread | None = None
         self.dense: tuple[int, dict[str, np.ndarray]] | None = None
         self.dense_callbacks: list[Callable[[int, dict[str, np.ndarray]], None]] = []
         self.started: dict[str, Any] = {}
-        self._dropped_fills = 0
 
     @property
     def pid(self) -> int | None:
@@ -166,7 +172,8 @@ class IngestProcess:
         reports (start offsets, warmed rows)."""
         req_here, req_there = socket.socketpair()
         ev_here, ev_there = socket.socketpair()
-        fds = (req_there.fileno(), ev_there.fileno(), self._fd)
+        data = [socket.socketpair() for _ in range(DATA_CONNECTIONS)]
+        fds = (req_there.fileno(), ev_there.fileno(), self._fd, *(d[1].fileno() for d in data))
         # The child imports the streamhps this process runs, wherever it came from (an
         # install, PYTHONPATH, or a path a script put on sys.path at run time).
         here = str(Path(__file__).resolve().parents[2])
@@ -179,15 +186,18 @@ class IngestProcess:
                 env=env,
             )
         finally:
-            req_there.close()
-            ev_there.close()
+            for there in (req_there, ev_there, *(d[1] for d in data)):
+                there.close()
         self._req = Connection(req_here.detach())
         self._events = Connection(ev_here.detach())
+        self._data = [Connection(d[0].detach()) for d in data]
+        for conn in self._data:
+            self._free.put(conn)
         try:
             self._req.send({**self._setup, "layout": self.layout})
         except OSError:  # it exited before reading what to run
             raise self._gone("starting its worker") from None
-        reply = self._reply(timeout, "starting its worker")
+        reply = self._reply(self._req, timeout, "starting its worker")
         self.started = reply
         self._events_thread = threading.Thread(
             target=self._event_loop, name="streamhps-ingest-events", daemon=True
@@ -196,10 +206,9 @@ class IngestProcess:
         log.info("worker ingest process started (pid %d)", self._proc.pid)
         return reply
 
-    def _reply(self, timeout: float, doing: str) -> Any:
-        assert self._req is not None
+    def _reply(self, conn: Connection, timeout: float, doing: str) -> Any:
         deadline = time.monotonic() + timeout
-        while not self._req.poll(0.05):
+        while not conn.poll(0.05):
             if not self.alive():
                 raise StreamHPSError(f"{self.exit_reason()} while {doing}; its log is above")
             if time.monotonic() > deadline:
@@ -208,7 +217,7 @@ class IngestProcess:
                     f"{timeout:.0f}s while {doing}"
                 )
         try:
-            kind, value = self._req.recv()
+            kind, value = conn.recv()
         except (EOFError, OSError):
             raise self._gone(doing) from None
         if kind == "error":
@@ -234,27 +243,37 @@ class IngestProcess:
                 raise StreamHPSError(
                     f"{self.exit_reason()}; the worker cannot answer {method}()"
                 ) from None
-            return self._reply(timeout, f"answering {method}()")
+            return self._reply(self._req, timeout, f"answering {method}()")
 
     def windows(self, keys: Mapping[str, np.ndarray]) -> dict[str, tuple[int, tuple[Any, ...]]]:
         """table -> (window epoch, (vectors, versions, found)) of ``keys`` (unique, per table),
         from the child's windows: the epoch read before the rows, as a miss path needs it."""
-        with self._lock:
-            if self._req is None or not self.alive():
-                raise StreamHPSError(f"{self.exit_reason()}; misses cannot be resolved")
-            self._req.send(("windows", dict(keys)))
+        if not self.alive():
+            raise StreamHPSError(f"{self.exit_reason()}; misses cannot be resolved")
+        conn = self._free.get()
+        try:
+            try:
+                conn.send(("windows", dict(keys)))
+            except OSError:
+                raise self._gone("reading its windows") from None
             return cast(
-                "dict[str, tuple[int, tuple[Any, ...]]]", self._reply(60.0, "reading its windows")
+                "dict[str, tuple[int, tuple[Any, ...]]]",
+                self._reply(conn, 60.0, "reading its windows"),
             )
+        finally:
+            self._free.put(conn)
 
     def put(self, fill: Fill) -> None:
-        """A read-through fill for the child's apply thread (no answer waited for)."""
-        with self._lock:
-            if self._req is None or not self.alive():
-                self._dropped_fills += 1
-                return
+        """A read-through fill for the child's apply thread (no answer waited for; dropped
+        when the child is gone: a worker that does not ingest has nothing to fill)."""
+        if not self.alive():
+            return
+        conn = self._free.get()
+        try:
             with contextlib.suppress(OSError):
-                self._req.send(("fill", fill))
+                conn.send(("fill", fill))
+        finally:
+            self._free.put(conn)
 
     # ---------------------------------------------------------------- state read in place
 
@@ -296,13 +315,13 @@ class IngestProcess:
         if self._proc is not None and self.alive() and self._req is not None:
             with self._lock, contextlib.suppress(OSError, EOFError, StreamHPSError):
                 self._req.send(("stop",))
-                self._reply(timeout, "stopping")
+                self._reply(self._req, timeout, "stopping")
         if self._proc is not None:
             try:
                 self._proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 stop_process(self._proc, name="worker ingest process")
-        for conn in (self._req, self._events):
+        for conn in (self._req, self._events, *self._data):
             if conn is not None:
                 conn.close()
         if self._events_thread is not None:
@@ -316,7 +335,7 @@ class IngestProcess:
 
 
 def _serve(req: Connection, worker: InferenceWorker) -> None:
-    """Answer the serving process until it says stop or closes its end."""
+    """Answer the serving process on one connection until it says stop or closes its end."""
     while True:
         try:
             msg = req.recv()
@@ -361,7 +380,7 @@ def _watch(worker: InferenceWorker, status: np.ndarray, stop: threading.Event) -
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process decides when this stops
-    req_fd, ev_fd, mem_fd = (int(a) for a in argv)
+    req_fd, ev_fd, mem_fd, *data_fds = (int(a) for a in argv)
     req, events = Connection(req_fd), Connection(ev_fd)
     setup = req.recv()
     logging.basicConfig(
@@ -398,6 +417,10 @@ def main(argv: list[str]) -> int:
                 "assigned_at": worker.assigned_at})
     )  # fmt: skip
     worker.on_dense(dense)
+    for fd in data_fds:  # misses and fills, each connection on a thread of its own
+        threading.Thread(
+            target=_serve, args=(Connection(fd), worker), name="streamhps-requests", daemon=True
+        ).start()
     try:
         _serve(req, worker)
     finally:

@@ -234,3 +234,40 @@ def test_the_child_imports_the_streamhps_of_its_parent(worker_env, tmp_path: Pat
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip() == "1"
     assert mark.read_text().startswith(str(checkout))
+
+
+def test_misses_of_many_serving_threads_at_once_get_their_own_rows(
+    worker_env, tmp_path: Path
+) -> None:
+    """Eight threads look up keys the cache does not hold (consumed, in the child's window, not
+    in LMDB: no processor runs) at the same time, over the connections to the child: each gets
+    the rows of its own keys, and the fills they send make the keys resident."""
+    _, cfg, pub = worker_env(table={"insert_on_update": False}, serving={"warm_from_store": False})
+    store = empty_store(cfg, tmp_path / "store")
+    keys = np.arange(8 * 500, dtype=np.int64) * 3  # well inside the cache: no bucket overflows
+    pub.publish("user", keys, table_rows(keys, 5), 5)
+    pub.commit(5)
+    with InferenceWorker(cfg, store, ingest="process") as w:
+        w.wait_ready(30)
+        _wait(lambda: w.stats()["tables"]["user"]["window_rows"] == keys.size, 10.0, "the rows")
+        errors: list[BaseException] = []
+
+        def reader(part: np.ndarray) -> None:
+            try:
+                for chunk in np.array_split(part, 10):
+                    got = w.lookup("user", chunk)
+                    assert (got[:, 0] == 5).all() and (got[:, 1] == chunk % 1000).all()
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(p,)) for p in np.array_split(keys, 8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors[0]
+        s = w.stats()
+        assert s["lookups"]["from_window"] == keys.size and s["lookups"]["from_store"] == 0
+        _wait(lambda: w.stats()["tables"]["user"]["cache"]["size"] == keys.size, 5.0, "fills")
+        assert (w.lookup("user", keys)[:, 0] == 5).all()
+        assert w.stats()["lookups"]["misses"] == keys.size  # the last lookup hit every key
