@@ -379,6 +379,14 @@ def _watch(worker: InferenceWorker, status: np.ndarray, stop: threading.Event) -
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) < 3 or not all(a.isdigit() for a in argv):
+        print(
+            "streamhps.worker.ingest_process is started by an InferenceWorker with "
+            "serving.ingest = 'process' (it passes its sockets and memory as file descriptors), "
+            "not by hand; to run a worker: streamhps serve",
+            file=sys.stderr,
+        )
+        return 2
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the serving process decides when this stops
     req_fd, ev_fd, mem_fd, *data_fds = (int(a) for a in argv)
     req, events = Connection(req_fd), Connection(ev_fd)

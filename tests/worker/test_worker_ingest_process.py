@@ -271,3 +271,12 @@ def test_misses_of_many_serving_threads_at_once_get_their_own_rows(
         _wait(lambda: w.stats()["tables"]["user"]["cache"]["size"] == keys.size, 5.0, "fills")
         assert (w.lookup("user", keys)[:, 0] == 5).all()
         assert w.stats()["lookups"]["misses"] == keys.size  # the last lookup hit every key
+
+
+def test_the_child_entry_point_run_by_hand_says_what_it_is() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "streamhps.worker.ingest_process"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "started by an InferenceWorker" in run.stderr and "streamhps serve" in run.stderr
