@@ -60,6 +60,7 @@ import numpy as np
 
 from streamhps.errors import StreamHPSError
 from streamhps.processes import stop_process
+from streamhps.worker.miss_path import window_rows
 
 if TYPE_CHECKING:
     from streamhps.worker.core import InferenceWorker
@@ -353,11 +354,7 @@ def _serve(req: Connection, worker: InferenceWorker) -> None:
             return
         try:
             if kind == "windows":
-                value: Any = {}
-                for t, keys in msg[1].items():
-                    window = worker._tables[t].window
-                    epoch = window.epoch  # before the rows: a prune after this drops the fill
-                    value[t] = (epoch, window.get(keys))
+                value: Any = window_rows(worker._tables, msg[1])
             elif kind == "call":
                 value = getattr(worker, msg[1])(*msg[2])
             else:

@@ -25,6 +25,19 @@ class FillSink(Protocol):
     def put(self, fill: Fill) -> None: ...
 
 
+def window_rows(
+    tables: Mapping[str, TableState], keys: Mapping[str, np.ndarray]
+) -> dict[str, tuple[int, tuple[Any, ...]]]:
+    """table -> (the window's epoch, (vectors, versions, found)) of unique ``keys``: the epoch
+    read before the rows, so that a prune after this point drops the fill made from them."""
+    out: dict[str, tuple[int, tuple[Any, ...]]] = {}
+    for t, k in keys.items():
+        window = tables[t].window
+        epoch = window.epoch
+        out[t] = (epoch, window.get(k))
+    return out
+
+
 def resolve_misses(
     missed: dict[str, np.ndarray],
     counts: dict[str, int],
@@ -43,14 +56,10 @@ def resolve_misses(
     uniq: dict[str, tuple[np.ndarray, np.ndarray]] = {
         t: np.unique(k, return_inverse=True) for t, k in missed.items()
     }
-    if read_windows is None:
-        # each window's epoch before reading it: a prune after this point drops the fill
-        epochs = {t: tables[t].window.epoch for t in uniq}
-        windows = {t: tables[t].window.get(u) for t, (u, _) in uniq.items()}
-    else:
-        read = read_windows({t: u for t, (u, _) in uniq.items()})
-        epochs = {t: read[t][0] for t in uniq}
-        windows = {t: read[t][1] for t in uniq}
+    unique = {t: u for t, (u, _) in uniq.items()}
+    read = window_rows(tables, unique) if read_windows is None else read_windows(unique)
+    epochs = {t: read[t][0] for t in uniq}
+    windows = {t: read[t][1] for t in uniq}
     try:
         stored = store.get_many({t: u for t, (u, _) in uniq.items()})
     except StoreError as e:
