@@ -253,14 +253,13 @@ class IngestProcess:
             raise StreamHPSError(f"{self.exit_reason()}; misses cannot be resolved")
         conn = self._free.get()
         try:
-            try:
-                conn.send(("windows", dict(keys)))
-            except OSError:
-                raise self._gone("reading its windows") from None
+            conn.send(("windows", dict(keys)))
             return cast(
                 "dict[str, tuple[int, tuple[Any, ...]]]",
                 self._reply(conn, 60.0, "reading its windows"),
             )
+        except OSError:  # the child went away, or stop() closed the connection meanwhile
+            raise self._gone("reading its windows") from None
         finally:
             self._free.put(conn)
 
