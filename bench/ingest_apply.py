@@ -15,6 +15,9 @@
    lookup with it). ``--writer-process`` adds two phases with the writer and that load in a
    forked process writing the same table in shared memory (the gate works across processes):
    what lookups would see if ingest ran outside the serving process's interpreter.
+4. **Cold shared table**: ``--rows`` inserts into an empty table made by another mapping of a
+   memory file (as a worker's ingest process gets its cache), without and with the child's
+   prefault, beside a private table (the ceiling).
 
     python bench/ingest_apply.py [--out bench/results/ingest_apply.json]
 """
@@ -35,7 +38,7 @@ from typing import Any
 import numpy as np
 from report import write_json
 
-from streamhps.cache.numpy_backend import GatedLock, NumpyCache
+from streamhps.cache.numpy_backend import NumpyCache
 from streamhps.worker.window import RecentRows, latest_rows
 
 MESSAGES_PER_APPLY = 4
@@ -98,11 +101,9 @@ def lookups_beside_writer(
     dim: int, write_rows: int, seconds: float, piece_rows: int | None, gil_load: int = 0,
     writer_process: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    cache = NumpyCache(1 << 21, dim)
+    cache = shared_cache(1 << 21, dim) if writer_process else NumpyCache(1 << 21, dim)
     if piece_rows:
         cache.write_piece_rows = piece_rows
-    if writer_process:
-        share(cache)
     seed = np.arange(1 << 16, dtype=np.int64)
     cache.upsert(seed, np.ones((seed.shape[0], dim), np.float32), np.ones(seed.shape[0], np.int64))
     out: dict[str, Any] = {"write_rows": write_rows, "piece_rows": cache.write_piece_rows,
@@ -197,16 +198,42 @@ def _write_elsewhere(
         b.join()
 
 
-def share(cache: NumpyCache) -> None:
-    """Move the cache's table, gate and counters into anonymous shared memory, so that a
-    forked process reads and writes the same table (the gate's atomics work across processes:
-    it is a ticket lock in memory both map). Sizes and counts stay per process."""
-    for name in ("_gate", "_ctr", "_ktab", "_dig", "_ver", "_score", "_stamp", "_vals"):
-        a = getattr(cache, name)
-        shared = np.frombuffer(mmap.mmap(-1, a.nbytes), dtype=a.dtype).reshape(a.shape)
-        shared[...] = a
-        setattr(cache, name, shared)
-    cache._lock = GatedLock(cache._gate)  # type: ignore[assignment]
+def shared_cache(capacity: int, dim: int) -> NumpyCache:
+    """A cache whose table, gate and counters live in anonymous shared memory, so that a forked
+    process reads and writes the same table (the gate's atomics work across processes: it is a
+    ticket lock in memory both map). Sizes and counts stay per process."""
+    return NumpyCache(capacity, dim, memory=mmap.mmap(-1, NumpyCache.table_bytes(capacity, dim)))
+
+
+def cold_table_inserts(rows: int, dim: int) -> dict[str, Any]:
+    """ns per row of ``rows`` inserts (``upsert_async``, batches of 25 000) into an empty table:
+    a private one (the ceiling: its pages touched when made), and one made by another mapping of
+    a memory file, as a worker's ingest process gets it (streamhps.worker.ingest_process), first
+    without and then with the child's prefault (a read per page before the first insert)."""
+    from streamhps.worker.ingest_process import Layout, SharedState, _memory_file
+
+    keys = np.random.default_rng(5).permutation(rows).astype(np.int64)
+    vals = np.ones((rows, dim), np.float32)
+    out: dict[str, Any] = {"rows": rows}
+    for case in ("private", "shared", "shared_prefaulted"):
+        if case == "private":
+            c = NumpyCache(2 * rows, dim)
+        else:
+            layout = Layout.plan({"t": NumpyCache.table_bytes(2 * rows, dim)}, {})
+            fd = _memory_file(layout.total)
+            NumpyCache(2 * rows, dim, memory=SharedState(fd, layout).cache_memory["t"])
+            child = SharedState(fd, layout)  # the child's own mapping of the same file
+            if case == "shared_prefaulted":
+                child.prefault()
+            c = NumpyCache(2 * rows, dim, memory=child.cache_memory["t"], attach=True)
+            os.close(fd)
+        t0 = time.perf_counter()
+        for i in range(0, rows, 25_000):
+            c.upsert_async(
+                keys[i : i + 25_000], vals[i : i + 25_000], np.ones(min(25_000, rows - i), np.int64)
+            )
+        out[f"{case}_ns_per_row"] = (time.perf_counter() - t0) / rows * 1e9
+    return out
 
 
 def _python_load(stop: threading.Event) -> None:
@@ -272,6 +299,10 @@ def main() -> None:
             wr = f"{r['write_ns_per_row']:.0f}" if "write_ns_per_row" in r else "-"
             print(f"| {lk['piece_rows']} | {phase}{' (ceiling)' if phase == 'idle' else ''} | "
                   f"{r['lookup_p50_ms']:.2f} | {r['lookup_p99_ms']:.2f} | {wr} |")  # fmt: skip
+    c = res["cold_table"] = cold_table_inserts(args.rows, args.dim)
+    print(f"\ninserts of {c['rows']:,} rows into an empty table, ns/row: private "
+          f"{c['private_ns_per_row']:.0f} (ceiling); another process's mapping of a memory file "
+          f"{c['shared_ns_per_row']:.0f}, prefaulted {c['shared_prefaulted_ns_per_row']:.0f}")  # fmt: skip
     print()
     write_json(args.out, res)
 
