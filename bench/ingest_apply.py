@@ -210,7 +210,7 @@ def cold_table_inserts(rows: int, dim: int) -> dict[str, Any]:
     a private one (the ceiling: its pages touched when made), and one made by another mapping of
     a memory file, as a worker's ingest process gets it (streamhps.worker.ingest_process), first
     without and then with the child's prefault (a read per page before the first insert)."""
-    from streamhps.worker.ingest_process import Layout, SharedState, _memory_file
+    from streamhps.worker.ingest_process import Layout, SharedState, memory_file
 
     keys = np.random.default_rng(5).permutation(rows).astype(np.int64)
     vals = np.ones((rows, dim), np.float32)
@@ -220,7 +220,7 @@ def cold_table_inserts(rows: int, dim: int) -> dict[str, Any]:
             c = NumpyCache(2 * rows, dim)
         else:
             layout = Layout.plan({"t": NumpyCache.table_bytes(2 * rows, dim)}, {})
-            fd = _memory_file(layout.total)
+            fd = memory_file(layout.total)
             NumpyCache(2 * rows, dim, memory=SharedState(fd, layout).cache_memory["t"])
             child = SharedState(fd, layout)  # the child's own mapping of the same file
             if case == "shared_prefaulted":

@@ -126,7 +126,8 @@ class SharedState:
         int(np.frombuffer(self._map, dtype=np.uint8)[:: mmap.PAGESIZE].max())
 
 
-def _memory_file(nbytes: int) -> int:
+def memory_file(nbytes: int) -> int:
+    """An anonymous memory file of ``nbytes`` (zeros): its descriptor, for ``SharedState``."""
     if not hasattr(os, "memfd_create"):
         raise StreamHPSError(
             "serving.ingest = 'process' needs memfd_create (Linux); use ingest = 'thread' here"
@@ -147,7 +148,7 @@ class IngestProcess:
         self, setup: dict[str, Any], cache_bytes: Mapping[str, int], partitions: Mapping[str, int]
     ) -> None:
         self.layout = Layout.plan(cache_bytes, partitions)
-        self._fd = _memory_file(self.layout.total)
+        self._fd = memory_file(self.layout.total)
         self.shared = SharedState(self._fd, self.layout)
         self.shared.status[0] = STARTING
         for a in self.shared.caught_up.values():
