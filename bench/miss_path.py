@@ -9,7 +9,8 @@ in ``"process"`` mode (one request there and back). Timed: ``lookup`` of ``--key
 hits), against the ceiling of the same lookup of keys the cache holds, in the same worker.
 Then ``--threads`` threads at once, each looking up 256 fresh missed keys at a time: lookups
 per second of all of them (in ``"process"`` mode over ``DATA_CONNECTIONS`` connections to the
-child, and over one, as before they were pooled).
+child, and over one, as before they were pooled). Also ``start()`` and ``stop()`` of a worker
+in each mode (the ingest process's start-up cost; the thread mode is its ceiling).
 
     python bench/miss_path.py [--rows 400000] [--keys 16 256 4096] [--threads 8] [--out bench/results/miss_path.json]
 """
@@ -126,6 +127,26 @@ def run_mode(
     return out
 
 
+def start_stop(cfg: Config, mode: str, repeats: int = 3) -> dict[str, float]:
+    """Seconds of ``start()`` (empty store and topics, a small cache: what the mode adds, not
+    the page faults of a large table, which both pay; the process mode's includes the child's
+    start) and of ``stop()``, the fastest of ``repeats`` (the first start of a process loads the
+    compiled kernels)."""
+    store = tempfile.mkdtemp(prefix="miss-store-")
+    with LmdbStore.open(store, readonly=False) as st:
+        st.ensure_tables({t.name: t for t in cfg.tables})
+    starts, stops = [], []
+    for _ in range(repeats):
+        w = InferenceWorker(cfg, store, ingest=mode, warm_from_store=False)
+        t0 = time.perf_counter()
+        w.start()
+        t1 = time.perf_counter()
+        w.stop()
+        starts.append(t1 - t0)
+        stops.append(time.perf_counter() - t1)
+    return {"start_s": min(starts), "stop_s": min(stops)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,6 +172,8 @@ def main() -> None:
             "args": vars(args), "modes": {},
         }  # fmt: skip
         pooled = ingest_process.DATA_CONNECTIONS
+        small = config(broker.bootstrap_servers, 16_384)  # empty topics, a 64 k-row cache
+        res["start_stop"] = {m: start_stop(small, m) for m in ("thread", "process")}
         for name, mode, conns in (("thread", "thread", pooled), ("process", "process", pooled),
                                   ("process-1-connection", "process", 1)):  # fmt: skip
             print(f"ingest = {mode!r} ({name}) ...", flush=True)
@@ -168,6 +191,11 @@ def main() -> None:
             print(f"| {n} | {mode} | {x['miss_p50_ms']:.2f} / {x['miss_p99_ms']:.2f} | "
                   f"{x['hit_p50_ms']:.2f} / {x['hit_p99_ms']:.2f} | "
                   f"{x['miss_p50_ms'] / x['hit_p50_ms']:.1f}x |")  # fmt: skip
+    print("\nworker start() and stop(), s (fastest of 3; the thread mode is the ceiling)")
+    print("| ingest | start | stop |")
+    print("|---|---|---|")
+    for mode, r in res["start_stop"].items():
+        print(f"| {mode} | {r['start_s']:.2f} | {r['stop_s']:.2f} |")
     print(f"\n{args.threads} threads at once, 256 missed keys per lookup")
     print("| ingest | lookups/s | vs thread |")
     print("|---|---|---|")

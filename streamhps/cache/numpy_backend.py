@@ -65,8 +65,8 @@ def _table_arrays(
 ) -> dict[str, np.ndarray]:
     """The table's arrays: views into ``memory``, or fresh ones where it is None."""
     layout, total = _layout(nb, slots, dim, dtype)
-    if memory is None:
-        return {name: np.empty(shape, dtype=dt) for name, (shape, dt, _) in layout.items()}
+    if memory is None:  # zeros from the allocator (pages zeroed as they are first touched)
+        return {name: np.zeros(shape, dtype=dt) for name, (shape, dt, _) in layout.items()}
     buf = np.frombuffer(memory, dtype=np.uint8)
     if buf.shape[0] < total:
         raise CacheError(
@@ -157,13 +157,15 @@ class NumpyCache(EmbeddingCache):
         self._dig = arrays["dig"]  # [buckets, 32] key digest per slot, 0 = empty
         self._ver, self._score, self._stamp = arrays["ver"], arrays["score"], arrays["stamp"]
         self._vals = arrays["vals"]  # [slots, dim]
-        if not attach:
-            self._ktab.fill(_EMPTY)
+        if memory is not None and not attach:  # given memory may hold anything: cleared
             for name in ("gate", "ctr", "dig", "ver", "score", "stamp", "vals"):
                 arrays[name].fill(0)
-            # Touch every page now (the fills above do): the first write into a fresh page
-            # faults (~1 us per 4 KiB), which would otherwise land on the stream's first
-            # inserts, on the ingest thread.
+        if not attach:
+            self._ktab.fill(_EMPTY)
+            # Touch every page now: the first write into a fresh page faults (~1 us per 4 KiB),
+            # which would otherwise land on the stream's first inserts, on the ingest thread.
+            for a in (self._dig, self._ver, self._score, self._stamp, self._vals):
+                a.reshape(-1)[:: max(1, 4096 // a.itemsize)] = 0
         hk.warm(self._words.dtype)  # compiled (or loaded) now, not on the first rows
 
     @staticmethod
