@@ -143,6 +143,10 @@ class TableSpec:
         return self.dim * self.np_dtype.itemsize
 
 
+#: where a worker ingests (``serving.ingest``; :class:`ServingSettings` says what each means)
+INGEST_MODES = ("auto", "thread", "process")
+
+
 @dataclass(frozen=True)
 class ServingSettings:
     """Inference-worker settings (``[serving]``).
@@ -160,7 +164,7 @@ class ServingSettings:
     ``ingest``: where a worker ingests. ``"thread"``: fetch and apply threads in the serving
     process. ``"process"`` (cpu workers only): a child process, the cache in memory both map
     (:mod:`streamhps.worker.ingest_process`): lookups no longer wait for the GIL behind ingest
-    (H200, half the raw-consume rate: lookup p99 1.1x idle instead of 3.7x), for one more
+    (H200, half the raw-consume rate: lookup p99 1.07-1.38x idle instead of 3.4-4.0x), for one more
     process per worker, ~0.7 s more to start and a round trip to it per request that misses.
     ``"auto"`` (default): ``"process"`` on a cpu worker that may run on at least 4 cores,
     else ``"thread"``: on 2 cores the child and the serving threads compete for the cores
@@ -174,7 +178,7 @@ class ServingSettings:
     warm_from_store: bool = True
     max_lookup_keys: int = 1 << 20
     switch_interval_ms: float = field(default=0.1, metadata=_limits(minimum=0))
-    ingest: str = field(default="auto", metadata=_limits(enum=["auto", "thread", "process"]))
+    ingest: str = field(default="auto", metadata=_limits(enum=list(INGEST_MODES)))
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_staleness_s, (int, float)) and self.max_staleness_s > 0):
@@ -187,7 +191,7 @@ class ServingSettings:
                 f"serving.switch_interval_ms must be >= 0 milliseconds (0: leave Python's "
                 f"setting), got {ms!r}"
             )
-        if self.ingest not in ("auto", "thread", "process"):
+        if self.ingest not in INGEST_MODES:
             raise ConfigError(
                 f"serving.ingest must be 'auto', 'thread' or 'process', got {self.ingest!r}"
             )

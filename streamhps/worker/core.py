@@ -56,7 +56,7 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaException, TopicPartition
 
 from streamhps import validation
-from streamhps.config import Config, dense_topic
+from streamhps.config import INGEST_MODES, Config, dense_topic
 from streamhps.consistency import check_consistency
 from streamhps.errors import (
     ConfigError,
@@ -96,11 +96,6 @@ log = logging.getLogger(__name__)
 # 8 tables: 2 048 keys serial 0.51 ms; 8 192 keys on threads 4.5 ms (serial ~2 ms: the numpy
 # probe holds the GIL for most of a table); 32 768 keys on threads 4.3 ms (serial ~8 ms).
 _PARALLEL_KEYS = 16384
-#: where a worker ingests: "thread" (fetch and apply threads in the serving process),
-#: "process" (a cpu worker's ingest in a child process, its cache in shared memory:
-#: :mod:`streamhps.worker.ingest_process`), "auto" (process on a cpu worker with at least
-#: INGEST_PROCESS_MIN_CORES cores, thread otherwise)
-INGEST_MODES = ("auto", "thread", "process")
 _DEVICE_RE = re.compile(r"^(cpu|cuda)(?::(\d+))?$")
 CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.offset.reset": "earliest",  # a stored offset beyond the log (history lost): reread all
