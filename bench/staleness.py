@@ -26,7 +26,7 @@
    * the raw consumer: publish -> delivered latency of every message (the ceiling);
    * each ``--devices`` worker (cpu = numpy cache, cuda = CuPy cache, each with the default
      ``serving.ingest = "auto"``: a cpu worker ingests in a process of its own, a cuda worker on
-     threads; cpu-thread / cpu-process name the cpu worker's mode), ready and warm:
+     threads; cpu-thread, cpu-process, cuda-thread, cuda-process name the mode), ready and warm:
      publish -> visible of rows, from the worker's own record (``visible_latencies``: stamped
      when the rows are visible to ``lookup``, every message weighted by its rows) and from an
      outside probe that polls ``lookup`` for a key of the newest batch until its new version
@@ -50,6 +50,7 @@ Writes the JSON (``--out``) and an SVG plot of the curve beside it (same name, `
     python bench/staleness.py --devices cpu                 # embedded broker, 2-core machine
     python bench/staleness.py --devices cuda cpu --rows 1000000 --out $OUT/staleness.json
     python bench/staleness.py --devices cpu-thread cpu-process --fractions 0.1 0.25 0.5 --lookup-breakdown
+    python bench/staleness.py --devices cuda-thread cuda-process --rows 1000000 --lookup-breakdown
 """
 
 from __future__ import annotations
@@ -146,8 +147,8 @@ def raw_consume(bootstrap: str, topic: str, partitions: int, messages: int) -> f
 
 
 def make_worker(cfg: Config, device: str) -> InferenceWorker:
-    """``cpu`` or ``cuda`` (``serving.ingest = "auto"``: a cpu worker ingests in a process of
-    its own), ``cpu-thread`` or ``cpu-process`` (each mode named; in a child the bench's
+    """``cpu`` or ``cuda`` (``serving.ingest = "auto"``), or the mode named: ``cpu-thread``,
+    ``cpu-process``, ``cuda-thread``, ``cuda-process`` (in a child the bench's
     ``--piece-rows``, ``--switch-interval`` and consumer overrides do not reach the ingest)."""
     dev, _, mode = device.partition("-")
     return InferenceWorker(cfg, empty_store(cfg), device=dev, ingest=mode or None)
@@ -674,7 +675,7 @@ def main() -> None:
         "--devices",
         nargs="+",
         default=["cpu"],
-        choices=["cpu", "cuda", "cpu-thread", "cpu-process"],
+        choices=["cpu", "cuda", "cpu-thread", "cpu-process", "cuda-thread", "cuda-process"],
     )
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.25, 0.5, 0.75, 0.9])
     ap.add_argument(

@@ -436,6 +436,42 @@ def row_pieces(parts: list[Any], lo: int, hi: int) -> list[Any]:
     return pieces
 
 
+def packed_bytes(n: int, row_bytes: int) -> int:
+    """Bytes of ``n`` rows packed by :func:`pack_rows` (rows of ``row_bytes`` each)."""
+    return n * (16 + row_bytes)
+
+
+def pack_rows(
+    buf: np.ndarray, keys: np.ndarray, parts: list[Any], versions: np.ndarray, dtype: np.dtype[Any]
+) -> int:
+    """Pack ``n`` keys, versions and rows (the arrays ``parts`` stacked in order, converted to
+    ``dtype``) into the bytes ``buf``: ``keys (int64) | versions (int64) | rows``, rows
+    contiguous and 16-byte aligned where ``buf`` is. One layout for one host -> device copy:
+    the cuda cache's staging buffers and an ingest process's relayed writes
+    (:func:`unpack_rows`). Returns the bytes written."""
+    n = int(keys.shape[0])
+    dim = int(parts[0].shape[1]) if parts else 0
+    _, rows, _ = unpack_rows(buf, n, dim, dtype)
+    buf[: 8 * n].view(np.int64)[:] = keys
+    buf[8 * n : 16 * n].view(np.int64)[:] = versions
+    at = 0
+    for part in parts:
+        rows[at : at + part.shape[0]] = part
+        at += part.shape[0]
+    return packed_bytes(n, dim * dtype.itemsize)
+
+
+def unpack_rows(
+    buf: np.ndarray, n: int, dim: int, dtype: np.dtype[Any]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Views of ``(keys, rows, versions)`` packed by :func:`pack_rows` into ``buf``."""
+    rb = dim * dtype.itemsize
+    keys = buf[: 8 * n].view(np.int64)
+    versions = buf[8 * n : 16 * n].view(np.int64)
+    rows = buf[16 * n : n * (16 + rb)].view(dtype).reshape(n, dim)
+    return keys, rows, versions
+
+
 def rows_between(parts: list[Any], lo: int, hi: int) -> Any:
     """Rows ``lo:hi`` of ``parts`` stacked in order: a view where they lie in one array."""
     pieces = row_pieces(parts, lo, hi)

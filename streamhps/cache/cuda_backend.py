@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from streamhps.cache.base import EmbeddingCache, row_pieces
+from streamhps.cache.base import EmbeddingCache, pack_rows, packed_bytes, row_pieces
 from streamhps.errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -448,9 +448,9 @@ class CudaCache(EmbeddingCache):
         self._pending = {True: cp.zeros(8, dtype=cp.uint64), False: cp.zeros(8, dtype=cp.uint64)}
         self._pending_rows = {True: 0, False: 0}
         # host seconds: waiting for a buffer's previous use, copying rows into pinned memory,
-        # enqueueing under the cache lock; GPU seconds (CUDA events): host -> device copy, kernels
+        # enqueueing the copy (and waiting for it: write_packed), enqueueing under the lock; GPU seconds (CUDA events): host -> device copy, kernels
         self.apply_profile = dict.fromkeys(
-            ("stage_wait", "stage_copy", "lock_enqueue", "h2d_gpu", "kernels_gpu"), 0.0
+            ("stage_wait", "stage_copy", "copy_wait", "lock_enqueue", "h2d_gpu", "kernels_gpu"), 0.0
         )
 
     def upsert_async(self, keys: Any, values: Any, versions: Any, *, insert: bool = True) -> None:
@@ -525,46 +525,70 @@ class CudaCache(EmbeddingCache):
     ) -> None:
         """Stage ``k``, ``ver`` and the rows ``v`` (arrays stacked in order) in pinned memory,
         one host -> device copy, then the kernels; returns once enqueued."""
-        cp = self._cp
         n = int(k.shape[0])
         if n == 0:
             return
-        rb = self.dim * self.dtype.itemsize
         with self._stage_lock, self.device:
             buf = self._stage_buffer(n)
             t0 = time.perf_counter()
-            # keys | versions | rows, packed for n: one copy; rows start 16-byte aligned
-            host = np.frombuffer(buf["host"], dtype=np.uint8, count=n * (16 + rb))
-            host[: 8 * n].view(np.int64)[:] = k
-            host[8 * n : 16 * n].view(np.int64)[:] = ver
-            rows = host[16 * n :].view(self.dtype).reshape(n, self.dim)
-            at = 0
-            for part in v:
-                rows[at : at + part.shape[0]] = part
-                at += part.shape[0]
-            t1 = time.perf_counter()
-            dev = buf["dev"]
-            buf["t0"].record(self._copy_stream)
-            cp.cuda.runtime.memcpyAsync(
-                dev.data.ptr, host.ctypes.data, n * (16 + rb),
-                cp.cuda.runtime.memcpyHostToDevice, self._copy_stream.ptr,
-            )  # fmt: skip
-            buf["copied"].record(self._copy_stream)
-            dk = dev[: 8 * n].view(cp.int64)
-            dver = dev[8 * n : 16 * n].view(cp.int64)
-            dv = dev[16 * n : n * (16 + rb)].view(self.dtype).reshape(n, self.dim)
-            absent = dev[n * (16 + rb) : n * (17 + rb)]
-            with self._lock, self._on_stream():
+            nbytes = packed_bytes(n, self.dim * self.dtype.itemsize)
+            host = np.frombuffer(buf["host"], dtype=np.uint8, count=nbytes)
+            pack_rows(host, k, v, ver, self.dtype)
+            self.apply_profile["stage_copy"] += time.perf_counter() - t0
+            self._copy_and_write(buf, host, n, insert, wait_copy=False)
+
+    def write_packed(self, host: np.ndarray, n: int, *, insert: bool = True) -> None:
+        """``upsert_async`` of ``n`` rows the caller packed (:func:`~streamhps.cache.base.pack_rows`)
+        into page-locked host memory (``cudaHostRegister``ed, or CuPy's pinned memory): one copy
+        to the device, no staging copy. Returns once the copy finished (``host`` may be reused)
+        and the write is enqueued: any operation on this cache issued after the return sees the
+        rows. The write kernels are enqueued only after the copy, so a lookup enqueued meanwhile
+        waits for the kernels, not for the copy. Keys, versions and rows are trusted as packed
+        (an ingest process checked them; ``pack_rows`` wrote them)."""
+        if n <= 0:
+            return
+        nbytes = packed_bytes(n, self.dim * self.dtype.itemsize)
+        if host.dtype != np.uint8 or host.ndim != 1 or host.shape[0] < nbytes:
+            raise CacheError(
+                f"write_packed: {n} rows of dim {self.dim} {self.dtype} need {nbytes} packed "
+                f"bytes (uint8), got {host.shape} {host.dtype}"
+            )
+        with self._stage_lock, self.device:
+            self._copy_and_write(self._stage_buffer(n), host[:nbytes], n, insert, wait_copy=True)
+
+    def _copy_and_write(
+        self, buf: dict[str, Any], host: np.ndarray, n: int, insert: bool, wait_copy: bool
+    ) -> None:
+        """One host -> device copy of the packed ``host`` on the copy stream, then both write
+        kernels on the cache's stream, ordered after the copy by its event (``wait_copy``: the
+        host waits for the copy first, without the cache's lock). Stage lock held."""
+        cp = self._cp
+        rb = self.dim * self.dtype.itemsize
+        t1 = time.perf_counter()
+        dev = buf["dev"]
+        buf["t0"].record(self._copy_stream)
+        cp.cuda.runtime.memcpyAsync(
+            dev.data.ptr, host.ctypes.data, packed_bytes(n, rb),
+            cp.cuda.runtime.memcpyHostToDevice, self._copy_stream.ptr,
+        )  # fmt: skip
+        buf["copied"].record(self._copy_stream)
+        if wait_copy:
+            buf["copied"].synchronize()
+        t2 = time.perf_counter()
+        dk = dev[: 8 * n].view(cp.int64)
+        dver = dev[8 * n : 16 * n].view(cp.int64)
+        dv = dev[16 * n : n * (16 + rb)].view(self.dtype).reshape(n, self.dim)
+        absent = dev[n * (16 + rb) : n * (17 + rb)]
+        with self._lock, self._on_stream():
+            if not wait_copy:
                 self.stream.wait_event(buf["copied"])
-                buf["k0"].record(self.stream)
-                self._launch_write(
-                    dk, dv, dver, absent, self._pending[insert], self._tick(), insert
-                )
-                buf["done"].record(self.stream)
-                self._pending_rows[insert] += n
-            prof = self.apply_profile
-            prof["stage_copy"] += t1 - t0
-            prof["lock_enqueue"] += time.perf_counter() - t1
+            buf["k0"].record(self.stream)
+            self._launch_write(dk, dv, dver, absent, self._pending[insert], self._tick(), insert)
+            buf["done"].record(self.stream)
+            self._pending_rows[insert] += n
+        prof = self.apply_profile
+        prof["copy_wait"] += t2 - t1
+        prof["lock_enqueue"] += time.perf_counter() - t2
 
     resolves_duplicates = True  # the apply/insert kernels keep the highest version per key
 

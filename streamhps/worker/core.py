@@ -187,11 +187,6 @@ class InferenceWorker:
             raise ConfigError(
                 f"ingest must be one of {INGEST_MODES} (serving.ingest), got {mode!r}"
             )
-        if mode == "process" and m.group(1) != "cpu":
-            raise ConfigError(
-                "ingest = 'process' serves a cpu worker's cache from shared memory; a cuda "
-                "worker ingests on threads (set serving.ingest = 'auto' or 'thread', or device='cpu')"
-            )
         if mode == "auto":
             mode = "process" if m.group(1) == "cpu" and _cores_for_an_ingest_process() else "thread"
         self.ingest_mode = mode  # "thread" or "process"
@@ -257,6 +252,9 @@ class InferenceWorker:
         # child, the shared memory its caches live in
         self._remote: IngestProcess | None = None
         self._cache_memory: dict[str, Any] = {}
+        self._relayed: dict[
+            str, Any
+        ] = {}  # in a cuda worker's ingest process: table -> RelayedCache
 
     @classmethod
     def from_config(
@@ -301,10 +299,18 @@ class InferenceWorker:
         memory = self._cache_memory.get(table)
         return {} if memory is None else {"memory": memory, "attach": True}
 
-    def _use_shared(self, cache_memory: dict[str, Any], caught_up: dict[str, np.ndarray]) -> None:
-        """In the ingest process: caches in ``cache_memory`` (tables the serving process made)
-        and the caught-up times in ``caught_up``, where the serving process reads them."""
+    def _use_shared(
+        self,
+        cache_memory: dict[str, Any],
+        caught_up: dict[str, np.ndarray],
+        relayed: dict[str, Any] | None = None,
+    ) -> None:
+        """In the ingest process: caches in ``cache_memory`` (tables the serving process made),
+        or ``relayed`` caches whose writes go to the serving process's (a cuda worker's,
+        :mod:`streamhps.worker.write_relay`), and the caught-up times in ``caught_up``, where
+        the serving process reads them."""
         self._cache_memory = dict(cache_memory)
+        self._relayed = dict(relayed or {})
         served = self.ownership.served()
         self._tracker = LagTracker(
             {t.name: t.partitions for t in self.config.tables if t.name in served},
@@ -347,14 +353,19 @@ class InferenceWorker:
             for spec in self.config.tables:
                 if not self.owned.get(spec.name):
                     continue  # another shard serves all of it
-                cache = make_cache(
-                    self.backend,
-                    capacity=self._capacity_for(spec.name),
-                    dim=spec.dim,
-                    dtype=spec.dtype,
-                    policy=self.cache_policy,
-                    **cuda_options,
-                    **self._cache_options(spec.name),
+                cache = self._relayed.get(spec.name)
+                cache = (
+                    cache
+                    if cache is not None
+                    else make_cache(
+                        self.backend,
+                        capacity=self._capacity_for(spec.name),
+                        dim=spec.dim,
+                        dtype=spec.dtype,
+                        policy=self.cache_policy,
+                        **cuda_options,
+                        **self._cache_options(spec.name),
+                    )
                 )
                 self._tables[spec.name] = TableState(
                     spec,
@@ -425,9 +436,17 @@ class InferenceWorker:
         )  # fmt: skip
         return self
 
+    def _relays_writes(self) -> bool:
+        """ingest = "process": whether the caches live here with the child's writes relayed to
+        them (a cuda worker: its GPU) rather than in memory both processes map (a cpu worker)."""
+        return self.backend == "cuda"
+
     def _start_serving_side(self) -> InferenceWorker:
-        """ingest = "process": the caches in shared memory, made here; the child process warms
-        them and ingests (:mod:`streamhps.worker.ingest_process`); this process serves."""
+        """ingest = "process": the caches made here; the child process warms them and ingests
+        (:mod:`streamhps.worker.ingest_process`); this process serves. A cpu worker's caches
+        live in the shared memory (the child writes them in place); a cuda worker's on its GPU,
+        the child's writes relayed to them (:mod:`streamhps.worker.write_relay`)."""
+        from streamhps.cache import make_cache
         from streamhps.cache.numpy_backend import NumpyCache
         from streamhps.worker.ingest_process import IngestProcess
 
@@ -436,6 +455,7 @@ class InferenceWorker:
             self.store_paths = [os.fspath(p) for p in store_dirs(self._store_arg)]
             self.store_path = ", ".join(self.store_paths)
         self._store = open_stores(self.store_paths)
+        on_device = contextlib.ExitStack()
         try:
             self._check_store_tables()
             # here too: a Kafka setting the client refuses is raised as it is, before a child
@@ -451,23 +471,46 @@ class InferenceWorker:
                 "poll_timeout_s": self.poll_timeout_s, "kafka_config": self.kafka,
                 "ingest": "thread",
             }  # fmt: skip
-            self._remote = IngestProcess(
-                {
-                    "config": self.config, "store": self.store_paths, "options": options,
-                    "log_level": logging.getLogger("streamhps").getEffectiveLevel(),
-                },
-                {s.name: NumpyCache.table_bytes(capacity[s.name], s.dim, s.dtype) for s in specs},
-                {t.name: t.partitions for t in self.config.tables if t.name in served},
-            )  # fmt: skip
+            setup = {
+                "config": self.config, "store": self.store_paths, "options": options,
+                "log_level": logging.getLogger("streamhps").getEffectiveLevel(),
+            }  # fmt: skip
+            partitions = {t.name: t.partitions for t in self.config.tables if t.name in served}
+            caches: dict[str, Any] = {}
+            if self._relays_writes():
+                cuda_options: dict[str, Any] = {}
+                if self.backend == "cuda":
+                    import cupy
+
+                    self._xp = cupy
+                    on_device.enter_context(self._on_device())
+                    gpu = cupy.cuda.Device().id
+                    self.torch_device = f"cuda:{gpu}"
+                    stream = cupy.cuda.Stream(non_blocking=False)
+                    self._requests = DeviceRequests(gpu, stream)
+                    cuda_options = {"device": gpu, "stream": stream}
+                for spec in specs:
+                    caches[spec.name] = make_cache(
+                        self.backend, capacity=capacity[spec.name], dim=spec.dim,
+                        dtype=spec.dtype, policy=self.cache_policy, **cuda_options,
+                    )  # fmt: skip
+                self._remote = IngestProcess(setup, {}, partitions, relayed=caches)
+            else:
+                self._remote = IngestProcess(
+                    setup,
+                    {s.name: NumpyCache.table_bytes(capacity[s.name], s.dim, s.dtype) for s in specs},
+                    partitions,
+                )  # fmt: skip
+                for spec in specs:
+                    caches[spec.name] = NumpyCache(
+                        capacity[spec.name], spec.dim, spec.dtype, self.cache_policy,
+                        memory=self._remote.shared.cache_memory[spec.name],
+                    )  # fmt: skip
             self._remote.dense_callbacks = self._dense_callbacks
             for spec in specs:
-                cache = NumpyCache(
-                    capacity[spec.name], spec.dim, spec.dtype, self.cache_policy,
-                    memory=self._remote.shared.cache_memory[spec.name],
-                )  # fmt: skip
                 window = cast(RecentRows, _WindowElsewhere())
                 self._tables[spec.name] = TableState(
-                    spec, self.config.topic(spec.name), cache, window
+                    spec, self.config.topic(spec.name), caches[spec.name], window
                 )
             started = self._remote.start(timeout=max(120.0, 2 * self.store_wait_s))
         except BaseException:
@@ -475,13 +518,18 @@ class InferenceWorker:
                 self._remote.stop()
             self._close_resources()
             raise
+        finally:
+            on_device.close()
         self._start_offsets = started["start_offsets"]
         self._warmed = started["warmed"]
         self.assigned_at = started["assigned_at"]
         self._started = True
         log.info(
-            "worker serving %s (cpu cache in shared memory, ingest in process %d), tables %s",
-            self.store_path, self._remote.pid, sorted(self._tables),
+            "worker serving %s (%s, ingest in process %d), tables %s",
+            self.store_path,
+            f"{self.device} cache, writes relayed from the ingest process"
+            if self._remote.relay is not None else "cpu cache in shared memory",
+            self._remote.pid, sorted(self._tables),
         )  # fmt: skip
         return self
 
@@ -967,11 +1015,15 @@ class InferenceWorker:
         where publish -> visible went since the last :meth:`reset_latencies`
         (``latency_split``: :meth:`Ingestor.latency_split`)."""
         if self._remote is not None:
-            return cast("dict[str, Any]", self._remote.call("ingest_profile"))
-        if self._ingest is None:
+            out = cast("dict[str, Any]", self._remote.call("ingest_profile"))
+            out.pop("cache_detail", None)  # the child's caches are not the ones served
+            if self._remote.relay is not None:
+                out["relay"] = self._remote.relay.stats()
+        elif self._ingest is None:
             return {}
-        out = self._ingest.profile.snapshot()
-        out["latency_split"] = self._ingest.latency_split()
+        else:
+            out = self._ingest.profile.snapshot()
+            out["latency_split"] = self._ingest.latency_split()
         for st in self._tables.values():
             detail = getattr(st.cache, "apply_profile", None)
             if detail:
@@ -1002,6 +1054,10 @@ class InferenceWorker:
             with self._stats_lock:  # lookups are served here, not in the ingest process
                 remote["lookups"] = dict(self._lookup_counts)
             remote["ingest_process"] = {"pid": self._remote.pid}
+            if self._remote.relay is not None:  # the caches are here, not in the child
+                remote["ingest_process"]["relay"] = self._remote.relay.stats()
+                for name, st in self._tables.items():
+                    remote.setdefault("tables", {}).setdefault(name, {})["cache"] = st.cache.stats()
             return remote
         ing = self._ingest
         out: dict[str, Any] = {"ready": self.ready(), "not_ready_reason": self.not_ready_reason()}

@@ -61,6 +61,7 @@ import numpy as np
 from streamhps.errors import StreamHPSError
 from streamhps.processes import stop_process
 from streamhps.worker.miss_path import window_rows
+from streamhps.worker.write_relay import RelayApplier, WriteRelay, relay_bytes
 
 if TYPE_CHECKING:
     from streamhps.worker.core import InferenceWorker
@@ -84,21 +85,26 @@ class Layout:
     caches: dict[str, tuple[int, int]]  # table -> (offset, bytes)
     caught_up: dict[str, tuple[int, int]]  # table -> (offset, partitions)
     status: int  # offset of one int64
+    relay: tuple[int, int]  # (offset, bytes) of the cache-write relay's slots (cuda), or (0, 0)
     total: int
 
     @staticmethod
-    def plan(cache_bytes: Mapping[str, int], partitions: Mapping[str, int]) -> Layout:
+    def plan(
+        cache_bytes: Mapping[str, int], partitions: Mapping[str, int], relay_bytes: int = 0
+    ) -> Layout:
         at = 0
         caches: dict[str, tuple[int, int]] = {}
         for name, size in cache_bytes.items():
             caches[name] = (at, size)
             at += -(-size // _ALIGN) * _ALIGN
+        relay = (at, relay_bytes)
+        at += -(-relay_bytes // _ALIGN) * _ALIGN
         caught_up: dict[str, tuple[int, int]] = {}
         for name, n in partitions.items():
             caught_up[name] = (at, n)
             at += 8 * n
         status = at
-        return Layout(caches, caught_up, status, -(-(at + 8) // _ALIGN) * _ALIGN)
+        return Layout(caches, caught_up, status, relay, -(-(at + 8) // _ALIGN) * _ALIGN)
 
 
 class SharedState:
@@ -118,6 +124,7 @@ class SharedState:
             n: buf[o : o + 8 * p].view(np.float64) for n, (o, p) in layout.caught_up.items()
         }
         self.status = buf[layout.status : layout.status + 8].view(np.int64)
+        self.relay = buf[layout.relay[0] : layout.relay[0] + layout.relay[1]]
 
     def prefault(self) -> None:
         """Map every page into this process now (a read per page): first touches would fault
@@ -141,13 +148,23 @@ class IngestProcess:
     """The serving process's side: the shared memory, the child process and the requests to it.
 
     ``setup``: what the child builds its worker from (config, store, the worker's options);
-    ``cache_bytes``: table -> bytes of its cache; ``partitions``: table -> partition count.
+    ``cache_bytes``: table -> bytes of its cache in the shared memory (a cpu worker);
+    ``partitions``: table -> partition count; ``relayed``: table -> the cache here that the
+    child's writes are relayed to (a cuda worker, :mod:`streamhps.worker.write_relay`).
     """
 
     def __init__(
-        self, setup: dict[str, Any], cache_bytes: Mapping[str, int], partitions: Mapping[str, int]
+        self,
+        setup: dict[str, Any],
+        cache_bytes: Mapping[str, int],
+        partitions: Mapping[str, int],
+        relayed: Mapping[str, Any] | None = None,
     ) -> None:
-        self.layout = Layout.plan(cache_bytes, partitions)
+        self._relayed = dict(relayed or {})
+        row_bytes = {n: c.dim * c.dtype.itemsize for n, c in self._relayed.items()}
+        self.layout = Layout.plan(
+            cache_bytes, partitions, relay_bytes(row_bytes) if self._relayed else 0
+        )
         self._fd = memory_file(self.layout.total)
         self.shared = SharedState(self._fd, self.layout)
         self.shared.status[0] = STARTING
@@ -161,6 +178,8 @@ class IngestProcess:
         self._data: list[Connection] = []  # misses and fills: one request per connection
         self._free: queue.SimpleQueue[Connection] = queue.SimpleQueue()
         self._events_thread: threading.Thread | None = None
+        self._relay_conn: Connection | None = None
+        self.relay: RelayApplier | None = None
         self.dense: tuple[int, dict[str, np.ndarray]] | None = None
         self.dense_callbacks: list[Callable[[int, dict[str, np.ndarray]], None]] = []
         self.started: dict[str, Any] = {}
@@ -176,6 +195,23 @@ class IngestProcess:
         ev_here, ev_there = socket.socketpair()
         data = [socket.socketpair() for _ in range(DATA_CONNECTIONS)]
         fds = (req_there.fileno(), ev_there.fileno(), self._fd, *(d[1].fileno() for d in data))
+        setup = {**self._setup, "layout": self.layout}
+        relay_there = None
+        passed = fds
+        if self._relayed:
+            relay_here, relay_there = socket.socketpair()
+            passed = (*fds, relay_there.fileno())  # named in the setup, not in argv
+            setup["relay"] = {
+                "fd": relay_there.fileno(),
+                "facts": {
+                    n: {"capacity": c.capacity, "dim": c.dim, "dtype": c.dtype.name,
+                        "policy": c.policy, "resolves_duplicates": c.resolves_duplicates}
+                    for n, c in self._relayed.items()
+                },
+            }  # fmt: skip
+            self._relay_conn = Connection(relay_here.detach())
+            # running before the child starts: its warm-up writes through it
+            self.relay = RelayApplier(self._relay_conn, self.shared.relay, self._relayed).start()
         # The child imports the streamhps this process runs, wherever it came from (an
         # install, PYTHONPATH, or a path a script put on sys.path at run time).
         here = str(Path(__file__).resolve().parents[2])
@@ -184,19 +220,20 @@ class IngestProcess:
         try:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "streamhps.worker.ingest_process", *map(str, fds)],
-                pass_fds=fds,
+                pass_fds=passed,
                 env=env,
             )
         finally:
-            for there in (req_there, ev_there, *(d[1] for d in data)):
-                there.close()
+            for there in (req_there, ev_there, *(d[1] for d in data), relay_there):
+                if there is not None:
+                    there.close()
         self._req = Connection(req_here.detach())
         self._events = Connection(ev_here.detach())
         self._data = [Connection(d[0].detach()) for d in data]
         for conn in self._data:
             self._free.put(conn)
         try:
-            self._req.send({**self._setup, "layout": self.layout})
+            self._req.send(setup)
         except OSError:  # it exited before reading what to run
             raise self._gone("starting its worker") from None
         reply = self._reply(self._req, timeout, "starting its worker")
@@ -322,7 +359,9 @@ class IngestProcess:
                 self._proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 stop_process(self._proc, name="worker ingest process")
-        for conn in (self._req, self._events, *self._data):
+        if self.relay is not None:  # its thread ends when the child's end closes
+            self.relay.join(5.0)
+        for conn in (self._req, self._events, *self._data, self._relay_conn):
             if conn is not None:
                 conn.close()
         if self._events_thread is not None:
@@ -396,9 +435,13 @@ def main(argv: list[str]) -> int:
 
     shared = SharedState(mem_fd, setup["layout"])
     shared.prefault()
+    relayed = None
+    if "relay" in setup:  # the caches are the serving process's (a cuda worker's GPU)
+        relay = WriteRelay(Connection(setup["relay"]["fd"]), shared.relay)
+        relayed = {t: relay.cache(t, f) for t, f in setup["relay"]["facts"].items()}
     try:
         worker = InferenceWorker(setup["config"], setup["store"], "cpu", **setup["options"])
-        worker._use_shared(shared.cache_memory, shared.caught_up)
+        worker._use_shared(shared.cache_memory, shared.caught_up, relayed)
         worker.start()
     except BaseException as e:  # noqa: BLE001 - the serving process raises it
         shared.status[0] = FAILED

@@ -12,8 +12,22 @@ import pytest
 
 from streamhps import Config, Publisher
 from streamhps.store import LmdbStore
+from streamhps.worker import InferenceWorker
 
 DIM = 8
+
+
+@pytest.fixture(params=["thread", "process", "relay"])
+def ingest(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The worker's ingest on threads beside the lookups, or in a process of its own
+    (:mod:`streamhps.worker.ingest_process`): a cpu worker's cache in memory both processes map
+    (``process``), or in the serving process with the child's writes relayed to it
+    (``relay``: what a cuda worker does with its GPU cache, here on a numpy cache). The same
+    behaviour every way."""
+    if request.param == "relay":
+        monkeypatch.setattr(InferenceWorker, "_relays_writes", lambda self: True)
+        return "process"
+    return str(request.param)
 
 
 def table_rows(keys: np.ndarray, version: int, dim: int = DIM) -> np.ndarray:

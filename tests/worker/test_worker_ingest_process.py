@@ -21,7 +21,7 @@ from confluent_kafka import KafkaException
 
 from streamhps import Config
 from streamhps.errors import ConfigError, StaleReadError, StreamHPSError
-from streamhps.worker import InferenceWorker, core
+from streamhps.worker import InferenceWorker, core, write_relay
 
 from .conftest import empty_store, table_rows
 
@@ -110,7 +110,7 @@ def test_ingest_process_exits_when_the_serving_process_dies(worker_env, tmp_path
     script = textwrap.dedent(
         f"""
         import sys, time
-        from streamhps.worker import InferenceWorker, core
+        from streamhps.worker import InferenceWorker, core, write_relay
         w = InferenceWorker.from_config({str(path)!r}, {str(store)!r}, ingest="process").start()
         print(w.stats()["ingest_process"]["pid"], flush=True)
         time.sleep(60)
@@ -136,8 +136,8 @@ def test_ingest_mode_is_checked(
 ) -> None:
     _, cfg, _ = worker_env()
     store = empty_store(cfg, tmp_path / "store")
-    with pytest.raises(ConfigError, match="cuda worker ingests on threads"):
-        InferenceWorker(cfg, store, device="cuda", ingest="process")
+    # a cuda worker may ingest in a process too (its writes relayed, streamhps.worker.write_relay)
+    assert InferenceWorker(cfg, store, device="cuda", ingest="process").ingest_mode == "process"
     with pytest.raises(ConfigError, match="ingest must be one of"):
         InferenceWorker(cfg, store, ingest="fork")
     # the default: a cpu worker with the cores for it ingests in a process of its own, a cuda
@@ -222,7 +222,7 @@ def test_the_child_imports_the_streamhps_of_its_parent(worker_env, tmp_path: Pat
         sys.path.insert(0, {str(checkout)!r})
         import streamhps
         assert streamhps.__file__.startswith({str(checkout)!r}), streamhps.__file__
-        from streamhps.worker import InferenceWorker, core
+        from streamhps.worker import InferenceWorker, core, write_relay
         with InferenceWorker.from_config({str(path)!r}, {str(store)!r}, ingest="process") as w:
             w.wait_ready(30)
             print(int(w.lookup("user", list(range(100)))[:, 0].min()), flush=True)
@@ -280,3 +280,32 @@ def test_the_child_entry_point_run_by_hand_says_what_it_is() -> None:
     )  # fmt: skip
     assert run.returncode == 2
     assert "started by an InferenceWorker" in run.stderr and "streamhps serve" in run.stderr
+
+
+def test_relayed_writes_larger_than_a_slot_arrive_whole_in_the_serving_process_cache(
+    worker_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay a cuda worker's ingest process writes its GPU cache through, on a numpy cache:
+    slots of 4 KiB here (85 rows of dim 8), so every message and the warm-up are cut into
+    pieces; every piece lands, in order (version 2 over version 1), and the serving process's
+    cache is the one counted."""
+    monkeypatch.setattr(InferenceWorker, "_relays_writes", lambda self: True)
+    monkeypatch.setattr(write_relay, "SLOT_BYTES", 4096)
+    _, cfg, pub = worker_env()
+    store = empty_store(cfg, tmp_path / "store")
+    keys = np.arange(3000, dtype=np.int64) * 7
+    pub.publish("user", keys, table_rows(keys, 1), 1)
+    pub.commit(1)
+    with InferenceWorker(cfg, store, ingest="process") as w:
+        w.wait_ready(30)
+        assert w._remote is not None and w._remote.shared.relay.nbytes == 2 * 4096
+        assert (w.lookup("user", keys, consistency="bounded")[:, 0] == 1).all()
+        pub.publish("user", keys, table_rows(keys, 2), 2)
+        pub.commit(2)
+        _wait(lambda: bool((w.lookup("user", keys)[:, 0] == 2).all()), 5.0, "version 2 here")
+        np.testing.assert_array_equal(w.lookup("user", keys), table_rows(keys, 2))
+        s = w.stats()
+        relay = s["ingest_process"]["relay"]
+        assert relay["rows"] >= 2 * keys.size and relay["writes"] >= 2 * keys.size // 85
+        assert s["tables"]["user"]["cache"]["size"] == keys.size  # this process's cache
+        assert s["lookups"]["misses"] == 0

@@ -24,9 +24,8 @@ from .conftest import DIM, empty_store, table_rows, write_config
 
 pytestmark = pytest.mark.integration
 
-#: the worker's ingest on threads beside the lookups, or in a process of its own
-#: (streamhps.worker.ingest_process): the same behaviour either way
-INGEST = pytest.mark.parametrize("ingest", ["thread", "process"])
+# ``ingest`` (tests/worker/conftest.py): the tests taking it run with the worker's ingest on
+# threads, in a process of its own over a shared cache, and in one relaying its cache writes
 
 
 def _wait(cond: Callable[[], bool], timeout: float, what: str) -> float:
@@ -42,7 +41,6 @@ def _applied_everywhere(w: InferenceWorker, version: int) -> bool:
     return all(r["applied_version"] == version for r in w.staleness()["user"].values())
 
 
-@INGEST
 def test_resident_rows_refreshed_within_a_second_of_commit(
     worker_env, tmp_path: Path, ingest: str
 ) -> None:
@@ -128,7 +126,6 @@ def test_lookup_input_errors_and_missing_policies(worker_env, tmp_path: Path) ->
             assert w.stats()["lookups"]["from_missing"] == 1
 
 
-@INGEST
 def test_no_stale_resurrection_while_the_processor_is_paused(
     worker_env, processor_factory, tmp_path: Path, ingest: str
 ) -> None:
@@ -174,7 +171,6 @@ def test_no_stale_resurrection_while_the_processor_is_paused(
         assert (w.lookup("user", keys)[:, 0] == 2).all()
 
 
-@INGEST
 def test_broker_killed_turns_worker_not_ready_and_bounded_reads_raise(
     restartable_broker, prefix, tmp_path: Path, ingest: str
 ) -> None:
@@ -317,7 +313,6 @@ def test_bad_messages_are_skipped_with_their_reason_and_ingestion_continues(
     assert hi == lo  # no processor runs here, and the worker wrote nothing
 
 
-@INGEST
 def test_dense_model_is_delivered(worker_env, tmp_path: Path, ingest: str) -> None:
     _, cfg, pub = worker_env()
     store = empty_store(cfg, tmp_path / "store")

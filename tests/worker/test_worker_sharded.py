@@ -67,7 +67,6 @@ def test_store_set_reads_each_partition_from_the_store_holding_it(two_stores) ->
         st.close()
 
 
-@pytest.mark.parametrize("ingest", ["thread", "process"])
 def test_a_sharded_worker_serves_only_its_partitions_from_both_stores(two_stores, ingest) -> None:  # type: ignore[no-untyped-def]
     _, cfg, pub, stores = two_stores
     # partitions 0 (processor 0's store) and 1 (processor 1's): both stores are needed
@@ -93,7 +92,6 @@ def test_a_sharded_worker_serves_only_its_partitions_from_both_stores(two_stores
         w.lookup("user", mine, consistency="bounded", timeout=10)
 
 
-@pytest.mark.parametrize("ingest", ["thread", "process"])
 def test_a_placement_shard_refuses_keys_naming_the_owner_and_needs_every_store(
     two_stores, ingest
 ) -> None:  # type: ignore[no-untyped-def]
