@@ -701,6 +701,8 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--piece-rows", type=int, default=None,
                     help="rows per locked piece of a stream write (EmbeddingCache.write_piece_rows)")  # fmt: skip
+    ap.add_argument("--cuda-piece-rows", type=int, default=None,
+                    help="cuda: rows of a stream write enqueued at once (CudaCache.write_piece_rows)")  # fmt: skip
     ap.add_argument("--stage-rows", type=int, default=None,
                     help="cuda: rows per staged host -> device copy (cuda_backend.STAGE_ROWS)")  # fmt: skip
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "staleness.json"))
@@ -712,6 +714,10 @@ def main() -> None:
         from streamhps.cache.base import EmbeddingCache
 
         EmbeddingCache.write_piece_rows = args.piece_rows
+    if args.cuda_piece_rows is not None:
+        from streamhps.cache.cuda_backend import CudaCache
+
+        CudaCache.write_piece_rows = args.cuda_piece_rows
     if args.stage_rows is not None:
         from streamhps.cache import cuda_backend
 

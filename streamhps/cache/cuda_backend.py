@@ -24,10 +24,12 @@ lookups run the fused kernel of ``serving.cu``.
 
 Stream writes (:meth:`upsert_async`, the worker's ingest path): rows are copied into one of two
 reused pinned host buffers, sent by one ``cudaMemcpyAsync`` on a copy stream of their own, and
-applied by the same two kernels on the cache's stream once the copy's event fires; the call
-returns as soon as that is enqueued (no host synchronisation), so the copy of the next batch
-overlaps the kernels of this one, and the host decodes the next messages meanwhile. The cache's
-lock is held only while enqueuing. Counters of these writes reach ``stats()``/``len()`` at their
+applied by the same two kernels on the cache's stream once the copy's event fires, in pieces
+of ``write_piece_rows`` rows, each enqueued once the last one ran (the host waits without the
+lock): a lookup enqueued during a large write waits for one piece's kernels, not the write's.
+The call returns as soon as the last piece is enqueued, so the copy of the next batch overlaps
+the kernels of this one. :meth:`write_packed` takes rows already packed in page-locked memory
+(an ingest process's relayed writes). The cache's lock is held only while enqueuing. Counters of these writes reach ``stats()``/``len()`` at their
 next call (which synchronises).
 """
 
@@ -516,6 +518,7 @@ class CudaCache(EmbeddingCache):
                 "host": cp.cuda.alloc_pinned_memory(nbytes),
                 "dev": cp.empty(nbytes + rows, dtype=cp.uint8),  # + absent flags
                 **{e: cp.cuda.Event() for e in ("t0", "copied", "k0", "done")},
+                "piece": cp.cuda.Event(disable_timing=True),
             }
             self._stage[i] = buf
         return buf
@@ -579,18 +582,36 @@ class CudaCache(EmbeddingCache):
         dver = dev[8 * n : 16 * n].view(cp.int64)
         dv = dev[16 * n : n * (16 + rb)].view(self.dtype).reshape(n, self.dim)
         absent = dev[n * (16 + rb) : n * (17 + rb)]
-        with self._lock, self._on_stream():
-            if not wait_copy:
-                self.stream.wait_event(buf["copied"])
-            buf["k0"].record(self.stream)
-            self._launch_write(dk, dv, dver, absent, self._pending[insert], self._tick(), insert)
-            buf["done"].record(self.stream)
+        clock = self._tick()  # one clock for every piece: one write, as if one launch
+        step = self.write_piece_rows
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            if lo:
+                # the previous piece ran before this one is enqueued: a lookup enqueued
+                # meanwhile waits for one piece's kernels, not the whole write's
+                buf["piece"].synchronize()
+            with self._lock, self._on_stream():
+                if not lo:
+                    if not wait_copy:
+                        self.stream.wait_event(buf["copied"])
+                    buf["k0"].record(self.stream)
+                self._launch_write(
+                    dk[lo:hi], dv[lo:hi], dver[lo:hi], absent[lo:hi], self._pending[insert],
+                    clock, insert,
+                )  # fmt: skip
+                buf["piece" if hi < n else "done"].record(self.stream)
+        with self._lock:
             self._pending_rows[insert] += n
         prof = self.apply_profile
         prof["copy_wait"] += t2 - t1
         prof["lock_enqueue"] += time.perf_counter() - t2
 
     resolves_duplicates = True  # the apply/insert kernels keep the highest version per key
+    #: rows of a stream write enqueued at once: the write kernels run ~40 ns a row on an H200
+    #: (bench/staleness.py's cache_detail), so a 64 k-row write held every lookup enqueued
+    #: behind it for ~2.7 ms; in pieces of 8 k rows, each enqueued once the last one ran, a
+    #: lookup waits for one piece (~0.35 ms) at most
+    write_piece_rows = 1 << 13
 
     def _launch_write(
         self, keys: Any, values: Any, versions: Any, absent: Any, counters: Any, clock: int,
