@@ -43,7 +43,7 @@ for s in $stages; do
              --out "$OUT/predict.json" 2>&1 | tee "$OUT/predict.txt" | tail -45 ;;
     scaleout) timeout 200 python3 bench/scaleout.py --device cuda --gpus "$GPUS" --requests 100 \
              --out "$OUT/scaleout.json" 2>&1 | tee "$OUT/scaleout.txt" | tail -30 ;;
-    staleness) timeout 300 python3 bench/staleness.py --devices cuda cpu cpu-thread --rows 500000 \
+    staleness) timeout 300 python3 bench/staleness.py --devices cuda cuda-thread cpu cpu-thread --rows 500000 \
              --repeats 2 --seconds 2 ${STALENESS_ARGS:-} --label "$(head -2 "$OUT/gpu.txt" | tail -1 | cut -d, -f1)" \
              --out "$OUT/staleness.json" 2>&1 | tee "$OUT/staleness.txt" | tail -30 ;;
     processor) timeout 120 python3 bench/processor.py --out "$OUT/processor.json" 2>&1 \

@@ -162,15 +162,15 @@ class ServingSettings:
     cost a lookup or an apply up to 5 ms (publish -> visible p99 at 25 % load 90 ms vs 40 ms at
     0.1 ms, bench/staleness.py); 0 leaves the process's setting alone; never raised.
     ``ingest``: where a worker ingests. ``"thread"``: fetch and apply threads in the serving
-    process. ``"process"`` (cpu workers only): a child process, the cache in memory both map
-    (:mod:`streamhps.worker.ingest_process`): lookups no longer wait for the GIL behind ingest
-    (H200, half the raw-consume rate: lookup p99 1.07-1.38x idle instead of 3.4-4.0x), for one more
-    process per worker, ~0.7 s more to start and a round trip to it per request that misses.
-    ``"auto"`` (default): ``"process"`` on a cpu worker that may run on at least 4 cores,
-    else ``"thread"``: on 2 cores the child and the serving threads compete for the cores
-    instead of the GIL (there, at 25 % of the raw maximum, the child fell behind where threads
-    kept up); a cuda worker ingests on threads (its cache lives in GPU memory the child could
-    not share without CUDA IPC).
+    process. ``"process"``: a child process (:mod:`streamhps.worker.ingest_process`); a cpu
+    worker's cache in memory both map, a cuda worker's on its GPU with the child's writes
+    relayed to it (:mod:`streamhps.worker.write_relay`). Lookups no longer wait for the GIL
+    behind ingest (H200, half the raw-consume rate: lookup p99 1.07-1.38x idle instead of
+    3.4-4.0x on cpu, 1.12-2.6x instead of 3.3-3.7x on cuda), for one more process per worker,
+    ~1-3 s more to start and a round trip to it per request that misses. ``"auto"``
+    (default): ``"process"`` on a worker that may run on at least 4 cores, else ``"thread"``:
+    on 2 cores the child and the serving threads compete for the cores instead of the GIL
+    (there, at 25 % of the raw maximum, the child fell behind where threads kept up).
     """
 
     max_staleness_s: float = field(default=1.0, metadata=_limits(exclusiveMinimum=0))

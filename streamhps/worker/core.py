@@ -138,8 +138,9 @@ class _WindowElsewhere:
 class InferenceWorker:
     """One worker per GPU (or CPU process). Thread-safe lookups; ingest on two threads (fetch:
     consume and decode; apply: window and cache writes, :mod:`streamhps.worker.ingest`), in
-    this process or, for a cpu worker by default, in a child process that writes the cache in
-    memory both map (``ingest``, :mod:`streamhps.worker.ingest_process`).
+    this process or, by default on 4 cores or more, in a child process (``ingest``,
+    :mod:`streamhps.worker.ingest_process`) that writes a cpu cache in memory both map, or
+    relays its writes to a cuda cache here (:mod:`streamhps.worker.write_relay`).
 
     ``config``: the deployment :class:`~streamhps.config.Config`; ``store``: the LMDB directory
     the processor writes (or several, one per processor shard, or a directory of them: see
@@ -188,7 +189,7 @@ class InferenceWorker:
                 f"ingest must be one of {INGEST_MODES} (serving.ingest), got {mode!r}"
             )
         if mode == "auto":
-            mode = "process" if m.group(1) == "cpu" and _cores_for_an_ingest_process() else "thread"
+            mode = "process" if _cores_for_an_ingest_process() else "thread"
         self.ingest_mode = mode  # "thread" or "process"
         self.config = config
         self._store_arg = store

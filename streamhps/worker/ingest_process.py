@@ -1,17 +1,25 @@
-"""A cpu worker's ingest in a process of its own, lookups served from a table both processes map.
+"""A worker's ingest in a process of its own; lookups served here, from the cache they always hit.
 
-``serving.ingest = "process"`` (or ``InferenceWorker(..., ingest="process")``, cpu workers only;
-``"auto"``, the default, chooses it on a cpu worker with at least 4 cores).
+``serving.ingest = "process"`` (or ``InferenceWorker(..., ingest="process")``; ``"auto"``, the
+default, chooses it on a worker with at least 4 cores).
 
-Why: in one interpreter every lookup returns to Python after its compiled probe and waits for the
-GIL behind the ingest threads (the consumer's payload copies, decode, window, markers). On the
-H200 at half the raw-consume rate that made a cpu lookup's p99 2.7-4.0x its idle p99 whatever
-the switch interval (``bench/staleness.py --lookup-breakdown``); with the ingest here it is
-1.07-1.30x (``bench/staleness.py --devices cpu-process cpu-thread``, two runs).
+Why: in one interpreter every lookup returns to Python after its compiled probe (cpu) or between
+its CuPy calls (cuda) and waits for the GIL behind the ingest threads (the consumer's payload
+copies, decode, window, markers). On the H200 at half the raw-consume rate that made a lookup's
+p99 2.7-4.0x its idle p99 on cpu and 3.3-3.7x on cuda, whatever the switch interval
+(``bench/staleness.py --lookup-breakdown``); with the ingest here it is 1.07-1.38x on cpu and
+1.12-2.6x on cuda (``bench/staleness.py --devices cpu-process cpu-thread cuda-process
+cuda-thread``).
 
-Costs: one more process per worker (~0.7 s more to start); a request that misses the cache
+Costs: one more process per worker (1-3 s more to start); a request that misses the cache
 waits for one round trip to the child, which answers on one thread between its ingest threads'
 turns at its GIL, one request at a time; statistics are requests too.
+
+A cuda worker's cache stays on its GPU, in this process: the child runs the same cpu worker,
+but its caches are :class:`~streamhps.worker.write_relay.RelayedCache` objects that send each
+write here through two page-locked slots of the shared memory
+(:mod:`streamhps.worker.write_relay` says why not a second CUDA context); what follows about
+the cache table in shared memory is the cpu worker's case.
 
 Layout: the serving process creates one anonymous memory file (``memfd``) holding every table's
 cache (:meth:`~streamhps.cache.numpy_backend.NumpyCache.table_bytes` each: rows, versions, scores

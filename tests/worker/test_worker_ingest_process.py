@@ -140,17 +140,17 @@ def test_ingest_mode_is_checked(
     assert InferenceWorker(cfg, store, device="cuda", ingest="process").ingest_mode == "process"
     with pytest.raises(ConfigError, match="ingest must be one of"):
         InferenceWorker(cfg, store, ingest="fork")
-    # the default: a cpu worker with the cores for it ingests in a process of its own, a cuda
-    # worker on threads
+    # the default: a worker with the cores for it ingests in a process of its own
     assert cfg.serving.ingest == "auto"
     cores = len(os.sched_getaffinity(0))
     expected = "process" if cores >= core.INGEST_PROCESS_MIN_CORES else "thread"
     assert InferenceWorker(cfg, store).ingest_mode == expected
-    assert InferenceWorker(cfg, store, device="cuda").ingest_mode == "thread"
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert InferenceWorker(cfg, store).ingest_mode == "process"
+    assert InferenceWorker(cfg, store, device="cuda").ingest_mode == "process"
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert InferenceWorker(cfg, store).ingest_mode == "thread"
+    assert InferenceWorker(cfg, store, device="cuda").ingest_mode == "thread"
     with pytest.raises(ConfigError, match="serving.ingest must be 'auto', 'thread' or 'process'"):
         Config.from_dict(
             {"tables": [{"name": "t", "dim": 4, "partitions": 1}], "serving": {"ingest": "procs"}}
