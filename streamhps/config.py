@@ -166,7 +166,7 @@ class ServingSettings:
     worker's cache in memory both map, a cuda worker's on its GPU with the child's writes
     relayed to it (:mod:`streamhps.worker.write_relay`). Lookups no longer wait for the GIL
     behind ingest (H200, half the raw-consume rate: lookup p99 1.07-1.38x idle instead of
-    3.4-4.0x on cpu, 1.12-2.6x instead of 3.3-3.7x on cuda), for one more process per worker,
+    3.4-4.0x on cpu, 1.12-1.66x instead of 3.2-3.8x on cuda), for one more process per worker,
     ~1-3 s more to start and a round trip to it per request that misses. ``"auto"``
     (default): ``"process"`` on a worker that may run on at least 4 cores, else ``"thread"``:
     on 2 cores the child and the serving threads compete for the cores instead of the GIL

@@ -6,9 +6,9 @@ default, chooses it on a worker with at least 4 cores).
 Why: in one interpreter every lookup returns to Python after its compiled probe (cpu) or between
 its CuPy calls (cuda) and waits for the GIL behind the ingest threads (the consumer's payload
 copies, decode, window, markers). On the H200 at half the raw-consume rate that made a lookup's
-p99 2.7-4.0x its idle p99 on cpu and 3.3-3.7x on cuda, whatever the switch interval
+p99 2.7-4.0x its idle p99 on cpu and 3.2-3.8x on cuda, whatever the switch interval
 (``bench/staleness.py --lookup-breakdown``); with the ingest here it is 1.07-1.38x on cpu and
-1.12-2.6x on cuda (``bench/staleness.py --devices cpu-process cpu-thread cuda-process
+1.12-1.66x on cuda (``bench/staleness.py --devices cpu-process cpu-thread cuda-process
 cuda-thread``).
 
 Costs: one more process per worker (1-3 s more to start); a request that misses the cache
