@@ -436,6 +436,42 @@ def row_pieces(parts: list[Any], lo: int, hi: int) -> list[Any]:
     return pieces
 
 
+def host_stream_write(
+    keys: Any, values: Any, versions: Any, dim: int
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """A stream write of host (numpy) arrays checked whole before any of it is written:
+    ``(keys as int64, the row arrays, versions)``; ``values`` one ``[n, dim]`` array or several
+    stacked in order (a worker's messages). CacheError names what is wrong."""
+    k = np.ascontiguousarray(keys)
+    if k.ndim != 1 or k.dtype.kind not in "iu":
+        raise CacheError(f"keys must be a 1-D array of int64, got {k.shape} {k.dtype}")
+    if k.dtype != np.int64:
+        k = k.astype(np.int64)
+    n = int(k.shape[0])
+    parts = (
+        [np.asarray(v) for v in values]
+        if isinstance(values, (list, tuple))
+        else [np.asarray(values)]
+    )
+    for v in parts:
+        if v.ndim != 2 or v.shape[1] != dim or v.dtype.kind != "f":
+            raise CacheError(
+                f"values must have shape ({n}, {dim}) of floats for {n} keys, got "
+                f"{tuple(v.shape)} {v.dtype}"
+            )
+    if sum(int(v.shape[0]) for v in parts) != n:
+        raise CacheError(
+            f"values hold {sum(int(v.shape[0]) for v in parts)} rows for {n} keys; give one row "
+            "per key"
+        )
+    ver = np.asarray(versions)
+    if ver.ndim != 1 or ver.shape[0] != n or ver.dtype.kind not in "iu":
+        raise CacheError(f"versions must be ({n},) integers to match keys, got {ver.shape}")
+    if n and bool((ver <= 0).any()):
+        raise CacheError("versions must be > 0; this call was refused and changed nothing")
+    return k, parts, ver
+
+
 def packed_bytes(n: int, row_bytes: int) -> int:
     """Bytes of ``n`` rows packed by :func:`pack_rows` (rows of ``row_bytes`` each)."""
     return n * (16 + row_bytes)

@@ -47,7 +47,13 @@ from typing import Any
 
 import numpy as np
 
-from streamhps.cache.base import EmbeddingCache, pack_rows, packed_bytes, row_pieces
+from streamhps.cache.base import (
+    EmbeddingCache,
+    host_stream_write,
+    pack_rows,
+    packed_bytes,
+    row_pieces,
+)
 from streamhps.errors import CacheError
 
 log = logging.getLogger(__name__)
@@ -450,7 +456,8 @@ class CudaCache(EmbeddingCache):
         self._pending = {True: cp.zeros(8, dtype=cp.uint64), False: cp.zeros(8, dtype=cp.uint64)}
         self._pending_rows = {True: 0, False: 0}
         # host seconds: waiting for a buffer's previous use, copying rows into pinned memory,
-        # enqueueing the copy (and waiting for it: write_packed), enqueueing under the lock; GPU seconds (CUDA events): host -> device copy, kernels
+        # enqueueing the copy (and waiting for it: write_packed), enqueueing under the lock;
+        # GPU seconds (CUDA events): host -> device copy, kernels
         self.apply_profile = dict.fromkeys(
             ("stage_wait", "stage_copy", "copy_wait", "lock_enqueue", "h2d_gpu", "kernels_gpu"), 0.0
         )
@@ -462,39 +469,11 @@ class CudaCache(EmbeddingCache):
         if hasattr(keys, "__cuda_array_interface__") or hasattr(values, "__cuda_array_interface__"):
             (self.upsert if insert else self.update_if_present)(keys, values, versions)
             return
-        k = np.ascontiguousarray(keys)
-        parts = (
-            [np.asarray(v) for v in values]
-            if isinstance(values, (list, tuple))
-            else [np.asarray(values)]
-        )
-        ver = np.asarray(versions)
-        n = k.shape[0]
-        if k.ndim != 1 or k.dtype.kind not in "iu" or k.dtype.itemsize != 8:
-            k = self._check_keys_host(k)
-        for v in parts:
-            if v.ndim != 2 or v.shape[1] != self.dim or v.dtype.kind != "f":
-                raise CacheError(
-                    f"values must have shape ({n}, {self.dim}) of floats for {n} keys, got "
-                    f"{tuple(v.shape)} {v.dtype}"
-                )
-        if sum(v.shape[0] for v in parts) != n:
-            raise CacheError(
-                f"values hold {sum(v.shape[0] for v in parts)} rows for {n} keys; give one row "
-                "per key"
-            )
-        if ver.ndim != 1 or ver.shape[0] != n or ver.dtype.kind not in "iu":
-            raise CacheError(f"versions must be ({n},) integers to match keys, got {ver.shape}")
-        if n and bool((ver <= 0).any()):
-            raise CacheError("versions must be > 0; this call was refused and changed nothing")
+        k, parts, ver = host_stream_write(keys, values, versions, self.dim)
+        n = int(k.shape[0])
         for lo in range(0, n, STAGE_ROWS):
             hi = min(n, lo + STAGE_ROWS)
             self._stage_write(k[lo:hi], row_pieces(parts, lo, hi), ver[lo:hi], insert)
-
-    def _check_keys_host(self, k: np.ndarray) -> np.ndarray:
-        if k.ndim != 1 or k.dtype.kind not in "iu":
-            raise CacheError(f"keys must be a 1-D array of int64, got {k.shape} {k.dtype}")
-        return k.astype(np.int64)
 
     def _stage_buffer(self, n: int) -> dict[str, Any]:
         """The next of the two staging buffers, at least ``n`` rows, once its last use is done."""

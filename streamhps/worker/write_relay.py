@@ -35,7 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from streamhps.cache.base import pack_rows, packed_bytes, row_pieces, storage_dtype, unpack_rows
+from streamhps.cache.base import (
+    host_stream_write,
+    pack_rows,
+    packed_bytes,
+    row_pieces,
+    storage_dtype,
+    unpack_rows,
+)
 from streamhps.errors import CacheError, StreamHPSError
 
 log = logging.getLogger(__name__)
@@ -83,31 +90,8 @@ class RelayedCache:
 
     def upsert_async(self, keys: Any, values: Any, versions: Any, *, insert: bool = True) -> None:
         """The write, relayed; returns once the serving process enqueued it."""
-        k = np.asarray(keys)
-        parts = (
-            [np.asarray(v) for v in values]
-            if isinstance(values, (list, tuple))
-            else [np.asarray(values)]
-        )
-        ver = np.asarray(versions)
-        n = int(k.shape[0]) if k.ndim == 1 else -1
-        if n < 0 or k.dtype.kind not in "iu":
-            raise CacheError(f"keys must be a 1-D array of int64, got {k.shape} {k.dtype}")
-        for v in parts:
-            if v.ndim != 2 or v.shape[1] != self.dim or v.dtype.kind != "f":
-                raise CacheError(
-                    f"values must have shape ({n}, {self.dim}) of floats for {n} keys, got "
-                    f"{tuple(v.shape)} {v.dtype}"
-                )
-        if sum(int(v.shape[0]) for v in parts) != n:
-            raise CacheError(
-                f"values hold {sum(int(v.shape[0]) for v in parts)} rows for {n} keys; give "
-                "one row per key"
-            )
-        if ver.shape != (n,) or ver.dtype.kind not in "iu":
-            raise CacheError(f"versions must be ({n},) integers to match keys, got {ver.shape}")
-        if n and bool((ver <= 0).any()):
-            raise CacheError("versions must be > 0; this call was refused and changed nothing")
+        k, parts, ver = host_stream_write(keys, values, versions, self.dim)
+        n = int(k.shape[0])
         self._relay.write(self, k, parts, ver, insert)
         self.relayed_rows += n
 
