@@ -190,7 +190,8 @@ class RelayApplier:
         try:
             import cupy
 
-            cupy.cuda.runtime.hostRegister(self._memory.ctypes.data, self._memory.nbytes, 0)
+            # portable: page-locked for every context, whichever GPU is current when it copies
+            cupy.cuda.runtime.hostRegister(self._memory.ctypes.data, self._memory.nbytes, 1)
             self._registered = True
         except Exception as e:  # noqa: BLE001 - a working fallback; say why
             log.warning(
