@@ -253,9 +253,8 @@ class InferenceWorker:
         # child, the shared memory its caches live in
         self._remote: IngestProcess | None = None
         self._cache_memory: dict[str, Any] = {}
-        self._relayed: dict[
-            str, Any
-        ] = {}  # in a cuda worker's ingest process: table -> RelayedCache
+        # in a cuda worker's ingest process: table -> its RelayedCache
+        self._relayed: dict[str, Any] = {}
 
     @classmethod
     def from_config(
@@ -355,10 +354,8 @@ class InferenceWorker:
                 if not self.owned.get(spec.name):
                     continue  # another shard serves all of it
                 cache = self._relayed.get(spec.name)
-                cache = (
-                    cache
-                    if cache is not None
-                    else make_cache(
+                if cache is None:
+                    cache = make_cache(
                         self.backend,
                         capacity=self._capacity_for(spec.name),
                         dim=spec.dim,
@@ -367,7 +364,6 @@ class InferenceWorker:
                         **cuda_options,
                         **self._cache_options(spec.name),
                     )
-                )
                 self._tables[spec.name] = TableState(
                     spec,
                     self.config.topic(spec.name),
@@ -1017,7 +1013,6 @@ class InferenceWorker:
         (``latency_split``: :meth:`Ingestor.latency_split`)."""
         if self._remote is not None:
             out = cast("dict[str, Any]", self._remote.call("ingest_profile"))
-            out.pop("cache_detail", None)  # the child's caches are not the ones served
             if self._remote.relay is not None:
                 out["relay"] = self._remote.relay.stats()
         elif self._ingest is None:
