@@ -65,7 +65,8 @@ _BLOCK = 256
 STAGE_ROWS = 1 << 16
 
 
-def _import_cupy() -> Any:
+def import_cupy() -> Any:
+    """CuPy, or a CacheError that says how to get it."""
     try:
         import cupy
     except ImportError as e:
@@ -77,7 +78,7 @@ def _import_cupy() -> Any:
 
 @cache
 def _module(vec_type: str, nvec: int, kpw: int) -> Any:
-    cp = _import_cupy()
+    cp = import_cupy()
     src = (Path(__file__).parent / "kernels.cu").read_text()
     opts = ("--std=c++17", f"-DVEC_T={vec_type}", f"-DNVEC={nvec}", f"-DKPW={kpw}")
     return cp.RawModule(code=src, options=opts)
@@ -85,7 +86,7 @@ def _module(vec_type: str, nvec: int, kpw: int) -> Any:
 
 @cache
 def _serving_module(vec_type: str, nvec: int, elem: str) -> Any:
-    cp = _import_cupy()
+    cp = import_cupy()
     src = (Path(__file__).parent / "serving.cu").read_text()
     opts = ("--std=c++17", f"-DVEC_T={vec_type}", f"-DNVEC={nvec}", f"-DELEM_T={elem}")
     return cp.RawModule(code=src, options=opts)
@@ -111,7 +112,7 @@ class CudaCache(EmbeddingCache):
     ):
         super().__init__(capacity, dim, dtype, policy)
         self._ticks = itertools.count(1)  # the operation clock (_tick)
-        cp = self._cp = _import_cupy()
+        cp = self._cp = import_cupy()
         self.device = cp.cuda.Device(device)
         with self.device:
             self._setup(cp, stream)

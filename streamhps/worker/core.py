@@ -278,9 +278,9 @@ class InferenceWorker:
         """The worker's GPU as the current device of the calling thread (CuPy's is per thread)."""
         if self.device_index is None:
             return contextlib.nullcontext()
-        import cupy
+        from streamhps.cache.cuda_backend import import_cupy
 
-        return cupy.cuda.Device(self.device_index)
+        return import_cupy().cuda.Device(self.device_index)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -327,27 +327,12 @@ class InferenceWorker:
         if self.ingest_mode == "process":
             return self._start_serving_side()
 
-        if self.backend == "cuda":
-            import cupy
-
-            self._xp = cupy
         self._lower_switch_interval()
-        if self.store_wait_s > 0 and wait_for_stores(self._store_arg, self.store_wait_s):
-            self.store_paths = [os.fspath(p) for p in store_dirs(self._store_arg)]
-            self.store_path = ", ".join(self.store_paths)
-        self._store = open_stores(self.store_paths)
+        self._store = self._open_store()
         on_device = contextlib.ExitStack()
-        on_device.enter_context(self._on_device())  # caches and warm-up on this worker's GPU
-        cuda_options: dict[str, Any] = {}
-        if self.backend == "cuda":
-            # every cache of the worker on one stream: a request's lookups need no cross-stream
-            # events (streamhps.worker.request)
-            gpu = self._xp.cuda.Device().id
-            self.torch_device = f"cuda:{gpu}"
-            stream = self._xp.cuda.Stream(non_blocking=False)
-            self._requests = DeviceRequests(gpu, stream)
-            cuda_options = {"device": gpu, "stream": stream}
         try:
+            on_device.enter_context(self._on_device())  # caches and warm-up on this worker's GPU
+            cuda_options = self._device_requests()
             self._check_store_tables()
             ensure_topics(self.kafka, planned_topics(self.config.topic_prefix, self.config.tables))
             for spec in self.config.tables:
@@ -433,6 +418,31 @@ class InferenceWorker:
         )  # fmt: skip
         return self
 
+    def _open_store(self) -> StoreReader:
+        """The LMDB store(s) opened, first waiting up to ``store_wait_s`` for a processor that
+        has not created them yet."""
+        if self.store_wait_s > 0 and wait_for_stores(self._store_arg, self.store_wait_s):
+            self.store_paths = [os.fspath(p) for p in store_dirs(self._store_arg)]
+            self.store_path = ", ".join(self.store_paths)
+        return open_stores(self.store_paths)
+
+    def _device_requests(self) -> dict[str, Any]:
+        """A cuda worker's request path on the current GPU (call with the worker's device
+        current): every cache of the worker on one stream, so a request's lookups need no
+        cross-stream events (:mod:`streamhps.worker.request`). The caches' ``make_cache``
+        options; none for a cpu worker."""
+        if self.backend != "cuda":
+            return {}
+        from streamhps.cache.cuda_backend import import_cupy
+
+        cupy = import_cupy()
+        self._xp = cupy
+        gpu = cupy.cuda.Device().id
+        self.torch_device = f"cuda:{gpu}"
+        stream = cupy.cuda.Stream(non_blocking=False)
+        self._requests = DeviceRequests(gpu, stream)
+        return {"device": gpu, "stream": stream}
+
     def _relays_writes(self) -> bool:
         """ingest = "process": whether the caches live here with the child's writes relayed to
         them (a cuda worker: its GPU) rather than in memory both processes map (a cpu worker)."""
@@ -448,10 +458,7 @@ class InferenceWorker:
         from streamhps.worker.ingest_process import IngestProcess
 
         self._lower_switch_interval()
-        if self.store_wait_s > 0 and wait_for_stores(self._store_arg, self.store_wait_s):
-            self.store_paths = [os.fspath(p) for p in store_dirs(self._store_arg)]
-            self.store_path = ", ".join(self.store_paths)
-        self._store = open_stores(self.store_paths)
+        self._store = self._open_store()
         on_device = contextlib.ExitStack()
         try:
             self._check_store_tables()
@@ -475,17 +482,8 @@ class InferenceWorker:
             partitions = {t.name: t.partitions for t in self.config.tables if t.name in served}
             caches: dict[str, Any] = {}
             if self._relays_writes():
-                cuda_options: dict[str, Any] = {}
-                if self.backend == "cuda":
-                    import cupy
-
-                    self._xp = cupy
-                    on_device.enter_context(self._on_device())
-                    gpu = cupy.cuda.Device().id
-                    self.torch_device = f"cuda:{gpu}"
-                    stream = cupy.cuda.Stream(non_blocking=False)
-                    self._requests = DeviceRequests(gpu, stream)
-                    cuda_options = {"device": gpu, "stream": stream}
+                on_device.enter_context(self._on_device())
+                cuda_options = self._device_requests()
                 for spec in specs:
                     caches[spec.name] = make_cache(
                         self.backend, capacity=capacity[spec.name], dim=spec.dim,

@@ -15,7 +15,13 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from streamhps import wire
-from streamhps.errors import MissingKeyError, StaleReadError, UnknownTableError, ValidationError
+from streamhps.errors import (
+    CacheError,
+    MissingKeyError,
+    StaleReadError,
+    UnknownTableError,
+    ValidationError,
+)
 from streamhps.store import LmdbStore
 from streamhps.testing import wait_for_applied_version
 from streamhps.worker import InferenceWorker
@@ -348,3 +354,23 @@ def test_head_probe_does_not_wait_for_the_ingest_threads_consumer(
         time.sleep(1.0)  # inside a 5 s consume call now
         w.wait_ready(3.0)
         np.testing.assert_array_equal(w.lookup("user", keys), table_rows(keys, 1))
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_a_cuda_worker_without_cupy_says_how_to_get_it_and_leaves_nothing_open(
+    worker_env, tmp_path: Path, ingest: str, device: str
+) -> None:
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("CuPy is installed here: the refusal is for machines without it")
+    _, cfg, _ = worker_env()
+    store = empty_store(cfg, tmp_path / "store")
+    w = InferenceWorker(cfg, store, device=device, ingest=ingest)
+    with pytest.raises(
+        CacheError, match=r"needs CuPy and a CUDA GPU \(pip install 'streamhps\[gpu\]'\)"
+    ):
+        w.start()
+    assert w._store is None and w._remote is None and not w.ready()
