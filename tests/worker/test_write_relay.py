@@ -98,3 +98,17 @@ def test_a_writer_whose_serving_process_went_away_is_told_so() -> None:
     remote = relay.cache("t", _facts(cache))
     with pytest.raises(StreamHPSError, match="serving process closed the cache-write relay"):
         remote.upsert_async(np.arange(3), np.ones((3, DIM), np.float32), np.ones(3, np.int64))
+
+
+def test_tables_of_different_widths_share_the_slots() -> None:
+    narrow = make_cache("numpy", capacity=1024, dim=4)
+    wide = make_cache("numpy", capacity=1024, dim=96, dtype="float16")
+    size = relay_bytes({"narrow": 4 * 4, "wide": 96 * 2}) // 2
+    relay, applier = _pair({"narrow": narrow, "wide": wide}, slot_bytes=size)
+    a, b = relay.cache("narrow", _facts(narrow)), relay.cache("wide", _facts(wide))
+    k = np.arange(300, dtype=np.int64)
+    a.upsert_async(k, np.full((300, 4), 1.5, np.float32), np.ones(300, np.int64))
+    # float32 rows into a float16 table: converted as the cache's own write would
+    b.upsert_async(k, np.full((300, 96), 2.5, np.float32), np.ones(300, np.int64))
+    assert (narrow.lookup(k)[0] == 1.5).all() and (wide.lookup(k)[0] == 2.5).all()
+    assert wide.lookup(k)[0].dtype == np.float16 and applier.stats()["rows"] == 600
