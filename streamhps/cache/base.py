@@ -259,11 +259,7 @@ class EmbeddingCache(abc.ABC):
                     f"values must be [rows, {self.dim}] arrays for a dim-{self.dim} cache, got "
                     f"{tuple(v.shape)}"
                 )
-        if sum(int(v.shape[0]) for v in parts) != n:
-            raise CacheError(
-                f"values hold {sum(int(v.shape[0]) for v in parts)} rows for {n} keys; give one "
-                "row per key"
-            )
+        check_row_count(parts, n)
         return parts or [np.zeros((0, self.dim), dtype=self.dtype)]
 
     #: rows per lock hold in :meth:`upsert_async` (a lookup waits at most for one piece: ~0.3 ms
@@ -436,6 +432,13 @@ def row_pieces(parts: list[Any], lo: int, hi: int) -> list[Any]:
     return pieces
 
 
+def check_row_count(parts: list[Any], n: int) -> None:
+    """CacheError unless the row arrays ``parts`` hold one row per key of ``n`` keys."""
+    rows = sum(int(v.shape[0]) for v in parts)
+    if rows != n:
+        raise CacheError(f"values hold {rows} rows for {n} keys; give one row per key")
+
+
 def host_stream_write(
     keys: Any, values: Any, versions: Any, dim: int
 ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
@@ -459,11 +462,7 @@ def host_stream_write(
                 f"values must have shape ({n}, {dim}) of floats for {n} keys, got "
                 f"{tuple(v.shape)} {v.dtype}"
             )
-    if sum(int(v.shape[0]) for v in parts) != n:
-        raise CacheError(
-            f"values hold {sum(int(v.shape[0]) for v in parts)} rows for {n} keys; give one row "
-            "per key"
-        )
+    check_row_count(parts, n)
     ver = np.asarray(versions)
     if ver.ndim != 1 or ver.shape[0] != n or ver.dtype.kind not in "iu":
         raise CacheError(f"versions must be ({n},) integers to match keys, got {ver.shape}")

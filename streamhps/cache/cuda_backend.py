@@ -579,9 +579,11 @@ class CudaCache(EmbeddingCache):
                     dk[lo:hi], dv[lo:hi], dver[lo:hi], absent[lo:hi], self._pending[insert],
                     clock, insert,
                 )  # fmt: skip
-                buf["piece" if hi < n else "done"].record(self.stream)
-        with self._lock:
-            self._pending_rows[insert] += n
+                if hi < n:
+                    buf["piece"].record(self.stream)
+                else:  # the write's counters reach stats() with its last piece
+                    buf["done"].record(self.stream)
+                    self._pending_rows[insert] += n
         prof = self.apply_profile
         prof["copy_wait"] += t2 - t1
         prof["lock_enqueue"] += time.perf_counter() - t2
